@@ -1,0 +1,49 @@
+# Everything a fresh machine needs: `make demo` and `make test` create .venv,
+# install torch first, then medrl, then run.
+#
+# GPU users: pick the torch build for your CUDA, e.g.
+#   make demo TORCH_SPEC='torch==2.6.0' TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cu124'
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+EXTRAS ?= test,fid
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-fast lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install '$(TORCH_SPEC)' $(TORCH_PIP_ARGS)
+	$(BIN)/pip install -e '.[$(EXTRAS)]'
+	@if $(BIN)/python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('torchvision') else 1)"; then \
+		echo "torchvision got installed (it breaks transformers/diffusers on CPU torch): remove what pulled it in"; exit 1; fi
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/medrl demo --config configs/demo.yaml
+
+test: install lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python benchmarks/sampling.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

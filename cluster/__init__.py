@@ -1,0 +1,1 @@
+"""Running medrl on a Ray cluster: runtime env, launcher and KubeRay manifests, job submission."""

@@ -1,0 +1,1 @@
+"""Evaluation metrics computed from features, and the HTML report (see DESIGN.md)."""

@@ -1,0 +1,170 @@
+"""Settings owned by the generator package (composed into the run config by medrl).
+
+Every component is either built tiny and random from these numbers (demo, tests) or
+loaded from ``pretrained`` (a local directory or a hub id) with the same classes.
+Constraints live in field metadata (``min``, ``max``) and ``Literal`` types; the
+loader in ``medrl.config`` enforces them and names the key on error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+#: Modalities the data tools accept (lower case). Modality is data, never a code path.
+MODALITIES: tuple[str, ...] = (
+    "fundus",
+    "oct",
+    "endoscopy",
+    "colonoscopy",
+    "xray",
+    "ct",
+    "mri",
+    "ultrasound",
+    "mammography",
+    "dermoscopy",
+    "histology",
+)
+
+#: Dataset splits a manifest row may carry.
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+def _f(default, help: str, **meta):  # noqa: A002 - mirrors dataclasses.field's metadata
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults")
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = _f("data/demo", "dataset root: every image path must resolve inside it")
+    csv: str = _f("", "data CSV (path,Text,modality,...); empty: <root>/data.csv")
+    manifest: str = _f("", "Parquet manifest written by `medrl data ingest`; empty: <root>/manifest.parquet")
+    demo_count: int = _f(384, "images in the procedural fundus phantom dataset", min=1)
+    demo_size: int = _f(64, "side of the phantom images in pixels", min=32, max=2048)
+    demo_seed: int = _f(0, "seed of the phantom dataset", min=0)
+    val_fraction: float = _f(0.1, "share of phantom images put in the val split", min=0.0, max=0.5)
+
+    @property
+    def csv_path(self) -> str:
+        return self.csv or f"{self.root}/data.csv"
+
+    @property
+    def manifest_path(self) -> str:
+        return self.manifest or f"{self.root}/manifest.parquet"
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    pretrained: str | None = _f(None, "local dir or hub id holding a UNet2DConditionModel; null: build tiny")
+    subfolder: str | None = _f(None, "subfolder of `pretrained` (\"unet\" for a Stable Diffusion repo)")
+    block_out_channels: tuple[int, ...] = _f((32, 64), "channels per UNet level (built models)", min=8)
+    layers_per_block: int = _f(1, "resnet layers per UNet block (built models)", min=1)
+    attention_levels: tuple[bool, ...] = _f(
+        (True, False), "which levels have cross-attention, highest resolution first (built models)"
+    )
+    attention_head_dim: int = _f(8, "channels per attention head (built models)", min=1)
+    norm_num_groups: int = _f(8, "GroupNorm groups (built models)", min=1)
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    pretrained: str | None = _f(
+        None, "local dir or hub id holding an AutoencoderKL; null: build tiny and train it first"
+    )
+    subfolder: str | None = _f(None, "subfolder of `pretrained` (\"vae\" for a Stable Diffusion repo)")
+    block_out_channels: tuple[int, ...] = _f(
+        (32, 64, 64), "channels per VAE level; downsampling = 2**(levels-1) (built models)", min=8
+    )
+    latent_channels: int = _f(4, "latent channels (built models)", min=1)
+    layers_per_block: int = _f(1, "resnet layers per VAE block (built models)", min=1)
+    norm_num_groups: int = _f(8, "GroupNorm groups (built models)", min=1)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    pretrained: str | None = _f(
+        None, "local dir or hub id of a BERT-family encoder (BioMedBERT); null: build tiny"
+    )
+    subfolder: str | None = _f(None, "subfolder of `pretrained` holding the encoder")
+    tokenizer: str | None = _f(
+        None, "tokenizer dir or hub id; null: `pretrained` (or the bundled demo vocabulary when built)"
+    )
+    tokenizer_subfolder: str | None = _f(None, "subfolder of `tokenizer`")
+    max_length: int = _f(64, "tokens per prompt (BioMedBERT: 256)", min=8, max=4096)
+    hidden_size: int = _f(32, "hidden size (built models)", min=8)
+    num_layers: int = _f(2, "transformer layers (built models)", min=1)
+    num_heads: int = _f(4, "attention heads (built models)", min=1)
+    intermediate_size: int = _f(64, "feed-forward size (built models)", min=8)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    pretrained: str | None = _f(None, "local dir or hub id holding a scheduler config; null: build")
+    subfolder: str | None = _f(None, "subfolder of `pretrained` (\"scheduler\" for a Stable Diffusion repo)")
+    num_train_timesteps: int = _f(1000, "training timesteps (built scheduler)", min=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = _f(
+        "scaled_linear", "noise schedule (built scheduler)"
+    )
+    beta_start: float = _f(0.00085, "first beta (built scheduler)", min=0.0, max=1.0)
+    beta_end: float = _f(0.012, "last beta (built scheduler)", min=0.0, max=1.0)
+    prediction_type: Literal["epsilon", "v_prediction"] = _f("epsilon", "what the UNet predicts")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    resolution: int = _f(64, "image side in pixels; must be divisible by the VAE downsampling", min=16)
+    dtype: Literal["float32", "float16", "bfloat16"] = _f(
+        "float32", "weights dtype for sampling (training keeps float32 master weights)"
+    )
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = _f(8, "LoRA rank r", min=1, max=1024)
+    alpha: float = _f(8.0, "LoRA alpha (scale = alpha / rank); kept in every export", min=0.0)
+    dropout: float = _f(0.0, "LoRA dropout", min=0.0, max=1.0)
+    target_modules: tuple[str, ...] = _f(
+        ("to_q", "to_k", "to_v", "to_out.0"), "UNet attention projections that get LoRA"
+    )
+    init: Literal["gaussian", "default"] = _f(
+        "gaussian", "LoRA init: B=0 either way, so a fresh adapter leaves outputs unchanged"
+    )
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    num_steps: int = _f(10, "DDIM steps", min=1, max=1000)
+    eta: float = _f(1.0, "DDIM eta; > 0 makes each step stochastic, so it has a log-probability", min=0.0, max=1.0)
+    guidance_scale: float = _f(5.0, "classifier-free guidance scale (1: no guidance)", min=1.0)
+    batch_size: int = _f(8, "images per forward pass", min=1)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    mode: Literal["full", "lora"] = _f("full", "train the whole UNet or LoRA adapters on it")
+    train_text_encoder: bool = _f(False, "also train the text encoder (full weights)")
+    steps: int = _f(1500, "UNet optimiser steps", min=1)
+    batch_size: int = _f(32, "images per step", min=1)
+    lr: float = _f(1e-3, "UNet learning rate (use ~1e-4 for LoRA on a pretrained UNet)", min=0.0)
+    text_encoder_lr: float = _f(1e-4, "text encoder learning rate", min=0.0)
+    weight_decay: float = _f(1e-2, "AdamW weight decay", min=0.0)
+    warmup_steps: int = _f(50, "linear learning-rate warm-up steps", min=0)
+    grad_clip: float = _f(1.0, "gradient norm clip (0: off)", min=0.0)
+    text_dropout: float = _f(
+        0.1, "probability a caption is replaced by the empty prompt (classifier-free guidance)", min=0.0, max=1.0
+    )
+    checkpoint_every: int = _f(500, "steps between checkpoints", min=1)
+    keep_checkpoints: int = _f(2, "checkpoints kept on disk (oldest deleted after a newer is committed)", min=1)
+    sample_every: int = _f(500, "steps between sample grids in TensorBoard (0: off)", min=0)
+    log_every: int = _f(25, "steps between loss logs", min=1)
+    vae_steps: int = _f(1500, "VAE steps before the UNet when no pretrained VAE is given", min=0)
+    vae_lr: float = _f(2e-3, "VAE learning rate", min=0.0)
+    vae_batch_size: int = _f(32, "VAE images per step", min=1)
+    vae_kl_weight: float = _f(1e-6, "weight of the KL term in the VAE loss", min=0.0)
+    num_workers: int = _f(0, "DataLoader worker processes", min=0)

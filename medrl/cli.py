@@ -1,0 +1,232 @@
+"""The `medrl` command line: one subcommand per step of the pipeline.
+
+Heavy imports (torch, diffusers, ray) happen inside the subcommands, so
+``medrl --help`` and the data tools answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("medrl")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None, help="YAML preset (configs/demo.yaml, ...)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="dotted overrides applied after the preset, e.g. finetune.steps=100 run.name=try1",
+    )
+
+
+def _load(args: argparse.Namespace):
+    from medrl.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def cmd_data_ingest(args: argparse.Namespace) -> int:
+    from generators.datasets import DataValidationError, ingest_csv
+
+    try:
+        report = ingest_csv(args.csv, root=args.root, out=args.out)
+    except DataValidationError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    print(f"{report.rows} rows valid; manifest written to {report.manifest}")
+    for key, count in sorted(report.modalities.items()):
+        print(f"  {key}: {count}")
+    return 0
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from generators.converters import convert_labels
+
+    out = convert_labels(
+        args.dataset,
+        args.labels,
+        out=args.out,
+        image_dir=args.image_dir,
+        ext=args.ext,
+        split=args.split,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_data_demo(args: argparse.Namespace) -> int:
+    from generators.phantom import write_demo_dataset
+
+    csv = write_demo_dataset(
+        args.out, count=args.count, size=args.size, seed=args.seed, val_fraction=args.val_fraction
+    )
+    print(f"phantom dataset: {csv} (ground truth beside it in phantom.jsonl)")
+    return 0
+
+
+# --------------------------------------------------------------------------- generator
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from generators.finetune import finetune
+
+    cfg = _load(args)
+    result = finetune(cfg.run_dir, cfg)
+    print(f"fine-tuned generator: {result}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from generators.generate import generate_from_cli
+
+    cfg = _load(args)
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        lines = Path(args.prompts_file).read_text().splitlines()
+        prompts.extend(line.strip() for line in lines if line.strip())
+    if not prompts:
+        print("medrl generate: give --prompt TEXT (repeatable) or --prompts-file FILE", file=sys.stderr)
+        return 2
+    table = generate_from_cli(
+        cfg,
+        prompts,
+        num_per_prompt=args.num_per_prompt,
+        seed=args.seed,
+        out=args.out,
+        generator_dir=args.generator,
+        adapter=args.adapter,
+    )
+    print(f"{len(prompts) * args.num_per_prompt} images; table: {table}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from generators.lora import export_run_adapter
+
+    paths = export_run_adapter(args.adapter, args.out, formats=args.format)
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from medrl.config import to_dict
+
+    print(yaml.safe_dump(to_dict(_load(args)), sort_keys=False), end="")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medrl.demo import run_demo
+
+    run_demo(_load(args))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medrl", description="RL from expert feedback for medical image diffusion models"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="data in: validate, convert, demo phantom").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = data.add_parser("ingest", help="validate a data CSV and write a Parquet manifest")
+    p.add_argument("csv", help="CSV with path,Text,modality[,split,source_dataset,label,laterality,patient_id]")
+    p.add_argument("--root", default=None, help="dataset root (default: the CSV's directory)")
+    p.add_argument("--out", default=None, help="manifest path (default: <root>/manifest.parquet)")
+    p.set_defaults(func=cmd_data_ingest)
+
+    p = data.add_parser("convert", help="turn a public fundus dataset's labels into a data CSV")
+    p.add_argument("dataset", choices=["eyepacs", "aptos", "idrid", "odir", "messidor2", "airogs"])
+    p.add_argument("labels", help="the dataset's label file (CSV; IDRiD/ODIR/Messidor-2 as distributed)")
+    p.add_argument("--out", default=None, help="output CSV (default: data.csv beside the labels)")
+    p.add_argument("--image-dir", default="", help="image folder relative to the dataset root")
+    p.add_argument("--ext", default=None, help="image file extension when the labels omit it")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.set_defaults(func=cmd_data_convert)
+
+    p = data.add_parser("demo", help="write the procedural fundus phantom dataset")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--count", type=int, default=384)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.set_defaults(func=cmd_data_demo)
+
+    p = sub.add_parser("finetune", help="supervised fine-tuning of the generator on a manifest")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("generate", help="sample images: PNGs plus a Parquet row per image")
+    _add_config_args(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
+    p.add_argument("--num-per-prompt", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="first seed; image i of a prompt gets seed+i")
+    p.add_argument("--out", default=None, help="output dir (default: runs/<name>/samples)")
+    p.add_argument(
+        "--generator", default=None, help="generator dir (default: runs/<name>/generator)"
+    )
+    p.add_argument("--adapter", default=None, help="LoRA adapter dir or .safetensors to apply")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="export a LoRA adapter (diffusers and/or kohya format)")
+    p.add_argument("adapter", help="adapter directory or pytorch_lora_weights.safetensors")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--format", action="append", choices=["diffusers", "kohya"], help="repeatable; default both"
+    )
+    p.set_defaults(func=cmd_export)
+
+    cfg = sub.add_parser("config", help="inspect configuration").add_subparsers(
+        dest="config_command", required=True
+    )
+    p = cfg.add_parser("show", help="print the resolved config")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("demo", help="the whole path on the embedded default (phantom data, CPU)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from medrl.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"medrl: config error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"medrl: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
