@@ -40,7 +40,9 @@ def _f(default, help: str, **meta):  # noqa: A002 - mirrors dataclasses.field's 
 class DataConfig:
     root: str = _f("data/demo", "dataset root: every image path must resolve inside it")
     csv: str = _f("", "data CSV (path,Text,modality,...); empty: <root>/data.csv")
-    manifest: str = _f("", "Parquet manifest written by `medrl data ingest`; empty: <root>/manifest.parquet")
+    manifest: str = _f(
+        "", "Parquet manifest written by `medrl data ingest`; empty: <root>/manifest.parquet"
+    )
     demo_count: int = _f(384, "images in the procedural fundus phantom dataset", min=1)
     demo_size: int = _f(64, "side of the phantom images in pixels", min=32, max=2048)
     demo_seed: int = _f(0, "seed of the phantom dataset", min=0)
@@ -57,9 +59,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    pretrained: str | None = _f(None, "local dir or hub id holding a UNet2DConditionModel; null: build tiny")
-    subfolder: str | None = _f(None, "subfolder of `pretrained` (\"unet\" for a Stable Diffusion repo)")
-    block_out_channels: tuple[int, ...] = _f((32, 64), "channels per UNet level (built models)", min=8)
+    pretrained: str | None = _f(
+        None, "local dir or hub id holding a UNet2DConditionModel; null: build tiny"
+    )
+    subfolder: str | None = _f(
+        None, 'subfolder of `pretrained` ("unet" for a Stable Diffusion repo)'
+    )
+    block_out_channels: tuple[int, ...] = _f(
+        (32, 64), "channels per UNet level (built models)", min=8
+    )
     layers_per_block: int = _f(1, "resnet layers per UNet block (built models)", min=1)
     attention_levels: tuple[bool, ...] = _f(
         (True, False), "which levels have cross-attention, highest resolution first (built models)"
@@ -73,7 +81,9 @@ class VaeConfig:
     pretrained: str | None = _f(
         None, "local dir or hub id holding an AutoencoderKL; null: build tiny and train it first"
     )
-    subfolder: str | None = _f(None, "subfolder of `pretrained` (\"vae\" for a Stable Diffusion repo)")
+    subfolder: str | None = _f(
+        None, 'subfolder of `pretrained` ("vae" for a Stable Diffusion repo)'
+    )
     block_out_channels: tuple[int, ...] = _f(
         (32, 64, 64), "channels per VAE level; downsampling = 2**(levels-1) (built models)", min=8
     )
@@ -89,7 +99,8 @@ class TextEncoderConfig:
     )
     subfolder: str | None = _f(None, "subfolder of `pretrained` holding the encoder")
     tokenizer: str | None = _f(
-        None, "tokenizer dir or hub id; null: `pretrained` (or the bundled demo vocabulary when built)"
+        None,
+        "tokenizer dir or hub id; null: `pretrained` (or the bundled demo vocabulary when built)",
     )
     tokenizer_subfolder: str | None = _f(None, "subfolder of `tokenizer`")
     max_length: int = _f(64, "tokens per prompt (BioMedBERT: 256)", min=8, max=4096)
@@ -102,7 +113,9 @@ class TextEncoderConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     pretrained: str | None = _f(None, "local dir or hub id holding a scheduler config; null: build")
-    subfolder: str | None = _f(None, "subfolder of `pretrained` (\"scheduler\" for a Stable Diffusion repo)")
+    subfolder: str | None = _f(
+        None, 'subfolder of `pretrained` ("scheduler" for a Stable Diffusion repo)'
+    )
     num_train_timesteps: int = _f(1000, "training timesteps (built scheduler)", min=10)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = _f(
         "scaled_linear", "noise schedule (built scheduler)"
@@ -114,7 +127,9 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    resolution: int = _f(64, "image side in pixels; must be divisible by the VAE downsampling", min=16)
+    resolution: int = _f(
+        64, "image side in pixels; must be divisible by the VAE downsampling", min=16
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = _f(
         "float32", "weights dtype for sampling (training keeps float32 master weights)"
     )
@@ -140,7 +155,12 @@ class LoraConfig:
 @dataclass(frozen=True)
 class SamplingConfig:
     num_steps: int = _f(10, "DDIM steps", min=1, max=1000)
-    eta: float = _f(1.0, "DDIM eta; > 0 makes each step stochastic, so it has a log-probability", min=0.0, max=1.0)
+    eta: float = _f(
+        1.0,
+        "DDIM eta; > 0 makes each step stochastic, so it has a log-probability",
+        min=0.0,
+        max=1.0,
+    )
     guidance_scale: float = _f(5.0, "classifier-free guidance scale (1: no guidance)", min=1.0)
     batch_size: int = _f(8, "images per forward pass", min=1)
 
@@ -157,10 +177,15 @@ class FinetuneConfig:
     warmup_steps: int = _f(50, "linear learning-rate warm-up steps", min=0)
     grad_clip: float = _f(1.0, "gradient norm clip (0: off)", min=0.0)
     text_dropout: float = _f(
-        0.1, "probability a caption is replaced by the empty prompt (classifier-free guidance)", min=0.0, max=1.0
+        0.1,
+        "probability a caption is replaced by the empty prompt (classifier-free guidance)",
+        min=0.0,
+        max=1.0,
     )
     checkpoint_every: int = _f(500, "steps between checkpoints", min=1)
-    keep_checkpoints: int = _f(2, "checkpoints kept on disk (oldest deleted after a newer is committed)", min=1)
+    keep_checkpoints: int = _f(
+        2, "checkpoints kept on disk (oldest deleted after a newer is committed)", min=1
+    )
     sample_every: int = _f(500, "steps between sample grids in TensorBoard (0: off)", min=0)
     log_every: int = _f(25, "steps between loss logs", min=1)
     vae_steps: int = _f(1500, "VAE steps before the UNet when no pretrained VAE is given", min=0)

@@ -94,7 +94,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         lines = Path(args.prompts_file).read_text().splitlines()
         prompts.extend(line.strip() for line in lines if line.strip())
     if not prompts:
-        print("medrl generate: give --prompt TEXT (repeatable) or --prompts-file FILE", file=sys.stderr)
+        print(
+            "medrl generate: give --prompt TEXT (repeatable) or --prompts-file FILE",
+            file=sys.stderr,
+        )
         return 2
     table = generate_from_cli(
         cfg,
@@ -148,14 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_command", required=True
     )
     p = data.add_parser("ingest", help="validate a data CSV and write a Parquet manifest")
-    p.add_argument("csv", help="CSV with path,Text,modality[,split,source_dataset,label,laterality,patient_id]")
+    p.add_argument(
+        "csv", help="CSV with path,Text,modality[,split,source_dataset,label,laterality,patient_id]"
+    )
     p.add_argument("--root", default=None, help="dataset root (default: the CSV's directory)")
     p.add_argument("--out", default=None, help="manifest path (default: <root>/manifest.parquet)")
     p.set_defaults(func=cmd_data_ingest)
 
     p = data.add_parser("convert", help="turn a public fundus dataset's labels into a data CSV")
     p.add_argument("dataset", choices=["eyepacs", "aptos", "idrid", "odir", "messidor2", "airogs"])
-    p.add_argument("labels", help="the dataset's label file (CSV; IDRiD/ODIR/Messidor-2 as distributed)")
+    p.add_argument(
+        "labels", help="the dataset's label file (CSV; IDRiD/ODIR/Messidor-2 as distributed)"
+    )
     p.add_argument("--out", default=None, help="output CSV (default: data.csv beside the labels)")
     p.add_argument("--image-dir", default="", help="image folder relative to the dataset root")
     p.add_argument("--ext", default=None, help="image file extension when the labels omit it")
@@ -179,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
     p.add_argument("--num-per-prompt", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0, help="first seed; image i of a prompt gets seed+i")
+    p.add_argument(
+        "--seed", type=int, default=0, help="first seed; image i of a prompt gets seed+i"
+    )
     p.add_argument("--out", default=None, help="output dir (default: runs/<name>/samples)")
     p.add_argument(
         "--generator", default=None, help="generator dir (default: runs/<name>/generator)"

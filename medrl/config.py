@@ -45,9 +45,13 @@ class ConfigError(ValueError):
 class RunSection:
     """Where a run lives and how it is seeded."""
 
-    name: str = field(default="demo", metadata={"help": "run name: runs/<name>/; the same name resumes"})
+    name: str = field(
+        default="demo", metadata={"help": "run name: runs/<name>/; the same name resumes"}
+    )
     root: str = field(default="runs", metadata={"help": "directory holding run directories"})
-    seed: int = field(default=0, metadata={"help": "global seed (data order, noise, init)", "min": 0})
+    seed: int = field(
+        default=0, metadata={"help": "global seed (data order, noise, init)", "min": 0}
+    )
     device: str = field(
         default="auto",
         metadata={"help": "torch device for single-process commands: auto, cpu, cuda, cuda:N"},
@@ -55,7 +59,9 @@ class RunSection:
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in {".", ".."}:
-            raise ConfigError(f"run.name: {self.name!r} is not a valid run name (no '/', not empty)")
+            raise ConfigError(
+                f"run.name: {self.name!r} is not a valid run name (no '/', not empty)"
+            )
 
 
 @dataclass(frozen=True)
@@ -162,7 +168,12 @@ def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
             return
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             bounds = " and ".join(
-                s for s in (f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "") if s
+                s
+                for s in (
+                    f">= {lo}" if lo is not None else "",
+                    f"<= {hi}" if hi is not None else "",
+                )
+                if s
             )
             raise ConfigError(f"{key}: {value!r} is out of range; allowed: {bounds}")
 
@@ -300,7 +311,12 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
             bounds.append(f"<= {f.metadata['max']}")
         if bounds:
             help_text += f" ({', '.join(bounds)})"
-        default_text = yaml.safe_dump(to_dict(default) if dataclasses.is_dataclass(default) else (list(default) if isinstance(default, tuple) else default), default_flow_style=True).strip()
+        default_text = yaml.safe_dump(
+            to_dict(default)
+            if dataclasses.is_dataclass(default)
+            else (list(default) if isinstance(default, tuple) else default),
+            default_flow_style=True,
+        ).strip()
         default_text = default_text.removesuffix("\n...").removesuffix("...").strip()
         rows.append((key, _type_name(tp), default_text, help_text))
     return rows
