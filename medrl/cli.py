@@ -50,15 +50,20 @@ def cmd_data_ingest(args: argparse.Namespace) -> int:
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
     from generators.converters import convert_labels
+    from generators.datasets import DataValidationError
 
-    out = convert_labels(
-        args.dataset,
-        args.labels,
-        out=args.out,
-        image_dir=args.image_dir,
-        ext=args.ext,
-        split=args.split,
-    )
+    try:
+        out = convert_labels(
+            args.dataset,
+            args.labels,
+            out=args.out,
+            image_dir=args.image_dir,
+            ext=args.ext,
+            split=args.split,
+        )
+    except DataValidationError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
     print(f"wrote {out}")
     return 0
 
@@ -78,9 +83,22 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from generators.finetune import finetune
+    from medrl.config import to_dict
+    from medrl.runs import prepare_run_dir
 
     cfg = _load(args)
-    result = finetune(cfg.run_dir, cfg)
+    run_dir = prepare_run_dir(cfg)
+    result = finetune(
+        run_dir,
+        cfg.model,
+        cfg.data,
+        cfg.lora,
+        cfg.finetune,
+        cfg.sampling,
+        seed=cfg.run.seed,
+        device=cfg.run.device,
+        resolved_config=to_dict(cfg),
+    )
     print(f"fine-tuned generator: {result}")
     return 0
 
