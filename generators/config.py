@@ -85,7 +85,7 @@ class VaeConfig:
         None, 'subfolder of `pretrained` ("vae" for a Stable Diffusion repo)'
     )
     block_out_channels: tuple[int, ...] = _f(
-        (32, 64, 64), "channels per VAE level; downsampling = 2**(levels-1) (built models)", min=8
+        (16, 32, 64), "channels per VAE level; downsampling = 2**(levels-1) (built models)", min=8
     )
     latent_channels: int = _f(4, "latent channels (built models)", min=1)
     layers_per_block: int = _f(1, "resnet layers per VAE block (built models)", min=1)
@@ -188,8 +188,8 @@ class FinetuneConfig:
     )
     sample_every: int = _f(500, "steps between sample grids in TensorBoard (0: off)", min=0)
     log_every: int = _f(25, "steps between loss logs", min=1)
-    vae_steps: int = _f(1500, "VAE steps before the UNet when no pretrained VAE is given", min=0)
+    vae_steps: int = _f(600, "VAE steps before the UNet when no pretrained VAE is given", min=0)
     vae_lr: float = _f(2e-3, "VAE learning rate", min=0.0)
-    vae_batch_size: int = _f(32, "VAE images per step", min=1)
+    vae_batch_size: int = _f(16, "VAE images per step", min=1)
     vae_kl_weight: float = _f(1e-6, "weight of the KL term in the VAE loss", min=0.0)
     num_workers: int = _f(0, "DataLoader worker processes", min=0)

@@ -148,6 +148,13 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_docs(args: argparse.Namespace) -> int:
+    from medrl.config import write_config_docs
+
+    print(f"wrote {write_config_docs(args.out)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from medrl.demo import run_demo
 
@@ -228,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = cfg.add_parser("show", help="print the resolved config")
     _add_config_args(p)
     p.set_defaults(func=cmd_config_show)
+
+    p = cfg.add_parser("docs", help="write docs/config.md from the config dataclasses")
+    p.add_argument("--out", default="docs/config.md")
+    p.set_defaults(func=cmd_config_docs)
 
     p = sub.add_parser("demo", help="the whole path on the embedded default (phantom data, CPU)")
     _add_config_args(p)

@@ -1,0 +1,520 @@
+"""Supervised fine-tuning of the generator on a manifest of image-text pairs.
+
+Two stages, as in the MSDM recipe of the Prompt-to-Polyp study (VAE first, then UNet):
+
+1. **VAE** (only when the config gives no pretrained VAE, i.e. the demo): reconstruction
+   (L1 + MSE) plus a small KL term. A randomly initialised decoder cannot express what
+   the latents say (its GroupNorm washes most of it out), so nothing downstream could
+   learn through it. Afterwards the latent scaling factor is set to 1 / std of the
+   training latents, as Stable Diffusion's 0.18215 was chosen.
+2. **UNet** (full weights or LoRA; optionally the text encoder too): the noise-prediction
+   loss with classifier-free-guidance text dropout.
+
+Every random choice of UNet step ``s`` (which images, noise, timesteps, dropped captions)
+comes from a generator seeded with ``(seed, s)``, so a run resumed from a checkpoint
+continues exactly as the uninterrupted run would have.
+
+Run directory layout (``runs/<name>/``)::
+
+    checkpoints/vae/            the trained VAE (diffusers format) once stage 1 is done
+    checkpoints/step-000500/    weights + optimizer + step + config, committed by rename
+    checkpoints/latest          name of the newest committed checkpoint (written last)
+    tb/                         TensorBoard: loss, learning rate, sample grids
+    metrics.jsonl               one JSON line per logged step
+    generator/                  the fine-tuned generator (a diffusers pipeline directory)
+    adapter/                    the LoRA adapter when mode is lora (diffusers + kohya)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from generators.config import DataConfig, FinetuneConfig, LoraConfig, ModelConfig, SamplingConfig
+from generators.images import make_grid, save_png, to_uint8
+from generators.lora import attach_lora, get_adapter_state, save_adapter, set_adapter_state
+from generators.model import Generator, build_generator, resolve_device
+from generators.sampling import sample
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+VAE_DIR = "vae"
+#: step-seed stride: generator for UNet step s is seeded with seed * STRIDE + s
+_STRIDE = 1_000_003
+
+
+# --------------------------------------------------------------------------- data
+
+
+class ImageTextData:
+    """Image-text pairs held in memory as uint8 (fast random access for small sets).
+
+    Args:
+        images: uint8 tensor (N, 3, H, W).
+        texts: N captions.
+    """
+
+    def __init__(self, images: torch.Tensor, texts: list[str]):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(
+                f"expected uint8 (N, 3, H, W) images, got {images.dtype} {tuple(images.shape)}"
+            )
+        if len(texts) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(texts)} captions")
+        if images.shape[0] == 0:
+            raise ValueError("no training images")
+        self.images, self.texts = images, texts
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        x = self.images[idx].float().div(127.5).sub(1.0)
+        return x, [self.texts[i] for i in idx.tolist()]
+
+    @classmethod
+    def from_manifest(
+        cls, manifest: str | os.PathLike, resolution: int, split: str = "train"
+    ) -> ImageTextData:
+        from generators.datasets import ManifestDataset
+
+        ds = ManifestDataset(manifest, resolution=resolution, split=split)
+        imgs, texts = [], []
+        for i in tqdm(range(len(ds)), desc=f"loading {split} images", leave=False):
+            item = ds[i]
+            imgs.append(
+                item["pixel_values"].add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+            )
+            texts.append(item["text"])
+        return cls(torch.stack(imgs), texts)
+
+
+def _step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed((seed * _STRIDE + step) * 7 + salt)
+
+
+def _batch_indices(n: int, batch_size: int, g: torch.Generator) -> torch.Tensor:
+    if batch_size <= n:
+        return torch.randperm(n, generator=g)[:batch_size]
+    return torch.randint(0, n, (batch_size,), generator=g)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def commit_checkpoint(ckpt_root: Path, name: str, write: callable, keep: int) -> Path:
+    """Write a checkpoint into a temporary dir, rename it into place, then update ``latest``.
+
+    Old checkpoints are deleted only after the new one is committed, oldest first, keeping
+    ``keep`` of them.
+    """
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / name
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}."))
+    try:
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_write_text(ckpt_root / LATEST, name + "\n")
+    steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+    for old in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    pointer = ckpt_root / LATEST
+    if not pointer.is_file():
+        return None
+    path = ckpt_root / pointer.read_text().strip()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{pointer} names {path.name}, which does not exist: the run is damaged"
+        )
+    return path
+
+
+# --------------------------------------------------------------------------- stage 1: VAE
+
+
+def train_vae(
+    gen: Generator,
+    data: ImageTextData,
+    cfg: FinetuneConfig,
+    seed: int,
+    writer=None,
+    metrics: list | None = None,
+) -> float:
+    """Train the VAE on the images; returns the latent scaling factor it sets."""
+    vae = gen.vae
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / max(1, cfg.warmup_steps))
+            * 0.5
+            * (1 + math.cos(math.pi * s / cfg.vae_steps))
+        ),
+    )
+    device = gen.device
+    bar = tqdm(range(cfg.vae_steps), desc="VAE", leave=False)
+    for step in bar:
+        g = _step_generator(seed, step, salt=1)
+        x, _ = data.batch(_batch_indices(len(data), cfg.vae_batch_size, g))
+        x = x.to(device)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(
+            device
+        )
+        recon = vae.decode(z).sample
+        rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / z[0].numel()
+        loss = rec + cfg.vae_kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        if step % cfg.log_every == 0 or step == cfg.vae_steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if writer is not None:
+                writer.add_scalar("vae/loss", loss.item(), step)
+                writer.add_scalar("vae/kl", kl.item(), step)
+            if metrics is not None:
+                metrics.append({"stage": "vae", "step": step, "loss": loss.item(), "kl": kl.item()})
+    vae.eval().requires_grad_(False)
+    # scaling factor: 1 / std of the training latents
+    with torch.no_grad():
+        g = torch.Generator("cpu").manual_seed(seed)
+        idx = _batch_indices(len(data), min(len(data), 256), g)
+        zs = [
+            vae.encode(data.batch(chunk)[0].to(device)).latent_dist.sample()
+            for chunk in idx.split(32)
+        ]
+        std = torch.cat(zs).float().std().item()
+    factor = 1.0 / max(std, 1e-6)
+    vae.register_to_config(scaling_factor=factor)
+    gen.vae_untrained = False
+    return factor
+
+
+def reconstruction_psnr(gen: Generator, images: torch.Tensor) -> float:
+    """Mean PSNR (dB, images in [-1, 1] mapped to [0, 1]) of VAE reconstructions (mode latent)."""
+    with torch.no_grad():
+        x = images.to(gen.device)
+        recon = gen.vae.decode(gen.vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = ((recon - x) / 2).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+        return float((10 * torch.log10(1.0 / mse)).mean())
+
+
+# --------------------------------------------------------------------------- stage 2: UNet
+
+
+@dataclass
+class FinetuneResult:
+    generator_dir: Path
+    adapter_dir: Path | None
+    steps: int
+    resumed_from: int
+    final_loss: float
+
+    def __str__(self) -> str:
+        extra = f", adapter {self.adapter_dir}" if self.adapter_dir else ""
+        return f"{self.generator_dir} (step {self.steps}, resumed from {self.resumed_from}{extra})"
+
+
+def _trainable(gen: Generator, cfg: FinetuneConfig) -> list[dict]:
+    if cfg.mode == "lora":
+        unet_params = [p for n, p in gen.unet.named_parameters() if "lora_" in n]
+    else:
+        gen.unet.requires_grad_(True)
+        unet_params = list(gen.unet.parameters())
+    groups = [{"params": unet_params, "lr": cfg.lr, "name": "unet"}]
+    if cfg.train_text_encoder:
+        gen.text_encoder.requires_grad_(True)
+        groups.append(
+            {
+                "params": list(gen.text_encoder.parameters()),
+                "lr": cfg.text_encoder_lr,
+                "name": "text_encoder",
+            }
+        )
+    else:
+        gen.text_encoder.requires_grad_(False)
+    return groups
+
+
+def _save_step(
+    tmp: Path, gen: Generator, cfg: FinetuneConfig, opt, sched, step: int, config_dict
+) -> None:
+    if cfg.mode == "lora":
+        save_file(get_adapter_state(gen.unet), str(tmp / "lora.safetensors"))
+    else:
+        save_file(
+            {k: v.contiguous() for k, v in gen.unet.state_dict().items()},
+            str(tmp / "unet.safetensors"),
+        )
+    if cfg.train_text_encoder:
+        save_file(
+            {k: v.contiguous() for k, v in gen.text_encoder.state_dict().items()},
+            str(tmp / "text_encoder.safetensors"),
+        )
+    torch.save(
+        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
+        tmp / "state.pt",
+    )
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    (tmp / "step.json").write_text(json.dumps({"step": step}))
+
+
+def _load_step(path: Path, gen: Generator, cfg: FinetuneConfig, opt, sched) -> int:
+    if cfg.mode == "lora":
+        if not (path / "lora.safetensors").is_file():
+            raise ValueError(
+                f"{path} is not a LoRA checkpoint but finetune.mode is lora; use a new run.name"
+            )
+        set_adapter_state(gen.unet, load_file(str(path / "lora.safetensors")))
+    else:
+        if not (path / "unet.safetensors").is_file():
+            raise ValueError(
+                f"{path} is not a full-UNet checkpoint but finetune.mode is full; use a new run.name"
+            )
+        gen.unet.load_state_dict(load_file(str(path / "unet.safetensors")))
+    if cfg.train_text_encoder:
+        gen.text_encoder.load_state_dict(load_file(str(path / "text_encoder.safetensors")))
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+def _sample_grid(gen: Generator, prompts: list[str], sampling: SamplingConfig) -> np.ndarray:
+    was_training = gen.unet.training
+    gen.unet.eval()
+    gen.text_encoder.eval()
+    out = sample(
+        gen,
+        prompts,
+        list(range(len(prompts))),
+        num_steps=sampling.num_steps,
+        eta=max(sampling.eta, 1e-3),
+        guidance_scale=sampling.guidance_scale,
+        batch_size=sampling.batch_size,
+    )
+    gen.unet.train(was_training)
+    return make_grid(list(to_uint8(out.images)), ncols=min(8, len(prompts)))
+
+
+def _data_for(data_cfg: DataConfig, model_cfg: ModelConfig, split: str = "train") -> ImageTextData:
+    manifest = Path(data_cfg.manifest_path)
+    if not manifest.is_file():
+        raise FileNotFoundError(
+            f"{manifest}: no manifest; run `medrl data ingest {data_cfg.csv_path}` first"
+        )
+    return ImageTextData.from_manifest(manifest, model_cfg.resolution, split=split)
+
+
+def finetune(
+    run_dir: str | os.PathLike,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    lora_cfg: LoraConfig,
+    ft: FinetuneConfig,
+    sampling: SamplingConfig,
+    seed: int = 0,
+    device: str = "auto",
+    resolved_config: Mapping | None = None,
+    data: ImageTextData | None = None,
+) -> FinetuneResult:
+    """Fine-tune (VAE if needed, then UNet) and write the generator into ``run_dir``.
+
+    Rerunning with the same ``run_dir`` resumes from its latest checkpoint; ``ft.steps``
+    is the total, so a finished run with more steps continues where it stopped.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = Path(run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    dev = resolve_device(device)
+    config_dict = dict(resolved_config or {})
+    data = data if data is not None else _data_for(data_cfg, model_cfg)
+    log.info(
+        "fine-tuning on %d image-text pairs at %d px (%s)", len(data), model_cfg.resolution, dev
+    )
+
+    gen = build_generator(model_cfg, seed=seed).to(dev)
+    writer = SummaryWriter(str(run_dir / "tb"))
+    metrics: list[dict] = []
+
+    # ---- stage 1: the VAE
+    vae_dir = ckpt_root / VAE_DIR
+    if gen.vae_untrained:
+        if vae_dir.is_dir():
+            from diffusers import AutoencoderKL
+
+            gen.pipe.vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).to(dev)
+            gen.vae_untrained = False
+            log.info("VAE: resumed the trained VAE from %s", vae_dir)
+        elif ft.vae_steps > 0:
+            t0 = time.time()
+            factor = train_vae(gen, data, ft, seed, writer, metrics)
+            psnr = reconstruction_psnr(gen, data.batch(torch.arange(min(len(data), 64)))[0])
+            log.info(
+                "VAE: %d steps in %.0f s, train PSNR %.1f dB, scaling factor %.3f",
+                ft.vae_steps,
+                time.time() - t0,
+                psnr,
+                factor,
+            )
+            metrics.append(
+                {"stage": "vae", "step": ft.vae_steps, "psnr": psnr, "scaling_factor": factor}
+            )
+            vae_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".vae."))
+            gen.vae.save_pretrained(tmp, safe_serialization=True)
+            os.replace(tmp, vae_dir)
+        else:
+            log.warning(
+                "no pretrained VAE and finetune.vae_steps=0: the UNet trains through a random decoder"
+            )
+    gen.vae.requires_grad_(False).eval()
+
+    # ---- stage 2: the UNet
+    if ft.mode == "lora":
+        # the base generator (with its trained VAE) is saved before the adapter is attached
+        gen.save(run_dir / "generator")
+        attach_lora(gen.unet, lora_cfg)
+    groups = _trainable(gen, ft)
+    opt = torch.optim.AdamW(groups, weight_decay=ft.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, ft.warmup_steps))
+    )
+    start = 0
+    latest = latest_checkpoint(ckpt_root)
+    if latest is not None:
+        start = _load_step(latest, gen, ft, opt, sched)
+        log.info("resuming from %s at step %d", latest, start)
+    gen.unet.train()
+    if ft.train_text_encoder:
+        gen.text_encoder.train()
+    scheduler = gen.scheduler
+    n_train = scheduler.config.num_train_timesteps
+    scaling = gen.vae.config.scaling_factor
+    grid_prompts = sorted(set(data.texts))[:8]
+    loss_value = float("nan")
+    bar = tqdm(range(start, ft.steps), desc="UNet", initial=start, total=ft.steps, leave=False)
+    for step in bar:
+        g = _step_generator(seed, step)
+        idx = _batch_indices(len(data), ft.batch_size, g)
+        x, texts = data.batch(idx)
+        drop = torch.rand(len(texts), generator=g) < ft.text_dropout
+        texts = ["" if d else t for t, d in zip(texts, drop.tolist(), strict=True)]
+        with torch.no_grad():
+            posterior = gen.vae.encode(x.to(dev)).latent_dist
+            eps_z = torch.randn(posterior.mean.shape, generator=g).to(dev)
+            latents = (posterior.mean + posterior.std * eps_z) * scaling
+        noise = torch.randn(latents.shape, generator=g).to(dev)
+        t = torch.randint(0, n_train, (latents.shape[0],), generator=g).to(dev)
+        noisy = scheduler.add_noise(latents, noise, t)
+        if ft.train_text_encoder:
+            cond = gen.encode_prompts(texts)
+        else:
+            with torch.no_grad():
+                cond = gen.encode_prompts(texts)
+        pred = gen.unet(noisy, t, encoder_hidden_states=cond).sample
+        target = (
+            noise
+            if scheduler.config.prediction_type == "epsilon"
+            else scheduler.get_velocity(latents, noise, t)
+        )
+        loss = F.mse_loss(pred.float(), target.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if ft.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [p for grp in groups for p in grp["params"]], ft.grad_clip
+            )
+        opt.step()
+        sched.step()
+        done = step + 1
+        loss_value = loss.item()
+        if done % ft.log_every == 0 or done == ft.steps:
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            writer.add_scalar("unet/loss", loss_value, done)
+            writer.add_scalar("unet/lr", sched.get_last_lr()[0], done)
+            metrics.append({"stage": "unet", "step": done, "loss": loss_value})
+        if ft.sample_every and (done % ft.sample_every == 0 or done == ft.steps):
+            grid = _sample_grid(gen, grid_prompts, sampling)
+            writer.add_image("samples", grid, done, dataformats="HWC")
+        if done % ft.checkpoint_every == 0 or done == ft.steps:
+            commit_checkpoint(
+                ckpt_root,
+                f"step-{done:06d}",
+                lambda tmp, done=done: _save_step(tmp, gen, ft, opt, sched, done, config_dict),
+                keep=ft.keep_checkpoints,
+            )
+        _flush_metrics(run_dir, metrics)
+    bar.close()
+    writer.close()
+    _flush_metrics(run_dir, metrics)
+
+    # ---- outputs
+    gen.unet.eval()
+    gen.text_encoder.eval()
+    adapter_dir = None
+    base_dir = run_dir / "generator"
+    if ft.mode == "lora":
+        adapter_dir = run_dir / "adapter"
+        save_adapter(gen.unet, adapter_dir, extra={"base": str(base_dir), "step": ft.steps})
+    else:
+        gen.save(base_dir)
+    grid = _sample_grid(gen, grid_prompts, sampling)
+    save_png(grid, run_dir / "samples" / "finetune-grid.png")
+    return FinetuneResult(base_dir, adapter_dir, max(ft.steps, start), start, loss_value)
+
+
+def _flush_metrics(run_dir: Path, metrics: list[dict]) -> None:
+    if not metrics:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "metrics.jsonl").open("a") as fh:
+        for m in metrics:
+            fh.write(json.dumps(m) + "\n")
+    metrics.clear()
+
+
+def iter_metrics(run_dir: str | os.PathLike) -> Iterator[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                yield json.loads(line)

@@ -1,0 +1,236 @@
+"""LoRA on the UNet's attention projections, through peft; export for diffusers and kohya.
+
+- :func:`attach_lora` adds a peft adapter (``unet.add_adapter``), B = 0 so outputs are
+  unchanged until it trains;
+- :func:`get_adapter_state` / :func:`set_adapter_state` move adapter weights only (what
+  the RL loop sends to its samplers); ``set`` checks every key and shape before it
+  writes anything, so a sampler never holds a half-applied adapter;
+- :func:`save_adapter` writes the current diffusers format
+  (``pytorch_lora_weights.safetensors``, rank and alpha in its metadata, loadable with
+  ``pipe.load_lora_weights``) and the kohya format (``lora_unet_...`` keys with an
+  ``.alpha`` per module, for A1111 / ComfyUI), plus ``adapter_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from peft import LoraConfig as PeftLoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from generators.config import LoraConfig
+
+ADAPTER_NAME = "default"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHTS = "lora_kohya.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def attach_lora(unet: torch.nn.Module, spec: LoraConfig, adapter_name: str = ADAPTER_NAME) -> None:
+    """Add a LoRA adapter to the UNet's attention projections and freeze everything else."""
+    if adapter_name in getattr(unet, "peft_config", {}):
+        raise ValueError(f"the UNet already has an adapter named {adapter_name!r}")
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        PeftLoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            lora_dropout=spec.dropout,
+            target_modules=list(spec.target_modules),
+            init_lora_weights="gaussian" if spec.init == "gaussian" else True,
+        ),
+        adapter_name=adapter_name,
+    )
+    for name, p in unet.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in unet.named_parameters() if "lora_" in n]
+
+
+def get_adapter_state(
+    unet: torch.nn.Module, adapter_name: str = ADAPTER_NAME
+) -> dict[str, torch.Tensor]:
+    """The adapter's weights only (peft keys), detached float32 copies on the cpu."""
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    if not state:
+        raise ValueError(f"the UNet has no LoRA adapter named {adapter_name!r}")
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+
+
+@torch.no_grad()
+def set_adapter_state(
+    unet: torch.nn.Module, state: Mapping[str, torch.Tensor], adapter_name: str = ADAPTER_NAME
+) -> None:
+    """Replace the adapter's weights in one call: all keys and shapes are checked first.
+
+    Raises:
+        ValueError: a missing, unexpected or mis-shaped key (nothing is written then).
+    """
+    current = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    missing = sorted(set(current) - set(state))
+    unexpected = sorted(set(state) - set(current))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter state does not match the UNet's adapter: missing {missing[:3]}"
+            f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+            f"{'...' if len(unexpected) > 3 else ''}"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(current[k].shape):
+            raise ValueError(
+                f"adapter key {k}: shape {tuple(v.shape)} != {tuple(current[k].shape)}"
+            )
+        if not torch.isfinite(v).all():
+            raise ValueError(f"adapter key {k}: non-finite values")
+    result = set_peft_model_state_dict(unet, dict(state), adapter_name=adapter_name)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"peft did not accept adapter keys {result.unexpected_keys[:3]}")
+
+
+def _spec_of(unet: torch.nn.Module, adapter_name: str) -> dict:
+    cfg = unet.peft_config[adapter_name]
+    return {
+        "rank": int(cfg.r),
+        "alpha": float(cfg.lora_alpha),
+        "dropout": float(cfg.lora_dropout),
+        "target_modules": sorted(cfg.target_modules),
+    }
+
+
+def _kohya_from_peft(
+    peft_state: Mapping[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    prefixed = {f"unet.{k}": v for k, v in peft_state.items()}
+    kohya = convert_state_dict_to_kohya(prefixed)
+    # diffusers writes alpha = rank (scale 1); keep the adapter's real alpha instead
+    for key in kohya:
+        if key.endswith(".alpha"):
+            kohya[key] = torch.tensor(float(alpha))
+    return {k: v.contiguous() for k, v in kohya.items()}
+
+
+def save_adapter(
+    unet: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    formats: Sequence[str] = ("diffusers", "kohya"),
+    adapter_name: str = ADAPTER_NAME,
+    extra: Mapping | None = None,
+) -> list[Path]:
+    """Write the adapter in the requested formats into ``out_dir`` (atomically, as a dir).
+
+    Returns:
+        The written weight files.
+    """
+    bad = sorted(set(formats) - {"diffusers", "kohya"})
+    if bad:
+        raise ValueError(f"unknown LoRA export format(s) {bad}; allowed: diffusers, kohya")
+    out_dir = Path(out_dir)
+    spec = _spec_of(unet, adapter_name)
+    peft_state = get_adapter_state(unet, adapter_name)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    written = []
+    try:
+        if "diffusers" in formats:
+            metadata = dict(unet.peft_config[adapter_name].to_dict())
+            metadata["target_modules"] = sorted(metadata.get("target_modules") or [])
+            StableDiffusionPipeline.save_lora_weights(
+                tmp,
+                unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
+                unet_lora_adapter_metadata=metadata,
+                safe_serialization=True,
+            )
+            written.append(out_dir / DIFFUSERS_WEIGHTS)
+        if "kohya" in formats:
+            save_file(
+                _kohya_from_peft(peft_state, spec["alpha"]),
+                str(tmp / KOHYA_WEIGHTS),
+                metadata={
+                    "ss_network_dim": str(spec["rank"]),
+                    "ss_network_alpha": str(spec["alpha"]),
+                },
+            )
+            written.append(out_dir / KOHYA_WEIGHTS)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps({**spec, **(extra or {})}, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return written
+
+
+def load_adapter_into(
+    pipe: StableDiffusionPipeline, adapter: str | os.PathLike, adapter_name: str = ADAPTER_NAME
+) -> None:
+    """Load an exported adapter (dir or weights file, diffusers or kohya) into a pipeline."""
+    adapter = Path(adapter)
+    if adapter.is_dir():
+        weights = adapter / DIFFUSERS_WEIGHTS
+        if not weights.is_file():
+            weights = adapter / KOHYA_WEIGHTS
+    else:
+        weights = adapter
+    if not weights.is_file():
+        raise FileNotFoundError(f"{adapter}: no {DIFFUSERS_WEIGHTS} or {KOHYA_WEIGHTS} found")
+    pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=adapter_name)
+
+
+def export_run_adapter(
+    adapter: str | os.PathLike, out: str | os.PathLike, formats: Sequence[str] | None = None
+) -> list[Path]:
+    """Re-export a saved adapter (diffusers format) into ``out`` in the requested formats.
+
+    Used by ``medrl export``: the adapter's rank and alpha come from its metadata.
+    """
+    adapter = Path(adapter)
+    weights = adapter / DIFFUSERS_WEIGHTS if adapter.is_dir() else adapter
+    if not weights.is_file():
+        raise FileNotFoundError(f"{adapter}: no {DIFFUSERS_WEIGHTS} to export")
+    state = load_file(str(weights))
+    config_file = weights.parent / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} missing: cannot tell the adapter's rank and alpha")
+    spec = json.loads(config_file.read_text())
+    formats = tuple(formats or ("diffusers", "kohya"))
+    bad = sorted(set(formats) - {"diffusers", "kohya"})
+    if bad:
+        raise ValueError(f"unknown LoRA export format(s) {bad}; allowed: diffusers, kohya")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if "diffusers" in formats:
+        shutil.copyfile(weights, out / DIFFUSERS_WEIGHTS)
+        written.append(out / DIFFUSERS_WEIGHTS)
+    if "kohya" in formats:
+        # diffusers format ("unet.<module>.lora.down.weight" or "...lora_A.weight") -> peft keys
+        peft_state = {}
+        for k, v in state.items():
+            key = k.removeprefix("unet.")
+            key = key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
+            key = key.replace(".lora_linear_layer.down.", ".lora_A.").replace(
+                ".lora_linear_layer.up.", ".lora_B."
+            )
+            peft_state[key] = v
+        tmp = out / f".{KOHYA_WEIGHTS}.tmp"
+        save_file(
+            _kohya_from_peft(peft_state, spec["alpha"]),
+            str(tmp),
+            metadata={"ss_network_dim": str(spec["rank"]), "ss_network_alpha": str(spec["alpha"])},
+        )
+        os.replace(tmp, out / KOHYA_WEIGHTS)
+        written.append(out / KOHYA_WEIGHTS)
+    shutil.copyfile(config_file, out / ADAPTER_CONFIG)
+    return written
