@@ -185,7 +185,16 @@ def load_adapter_into(
         weights = adapter
     if not weights.is_file():
         raise FileNotFoundError(f"{adapter}: no {DIFFUSERS_WEIGHTS} or {KOHYA_WEIGHTS} found")
-    pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=adapter_name)
+    import diffusers
+
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # "no LoRA keys for BertModel": by design
+    try:
+        pipe.load_lora_weights(
+            str(weights.parent), weight_name=weights.name, adapter_name=adapter_name
+        )
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
 
 
 def export_run_adapter(

@@ -95,7 +95,9 @@ def ddim_step_with_logprob(
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     if eta == 0 and prev_sample is not None:
-        raise ValueError("eta must be > 0 to score a transition: a deterministic step has no density")
+        raise ValueError(
+            "eta must be > 0 to score a transition: a deterministic step has no density"
+        )
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(...) before stepping")
     if prev_sample is None and noise is None:

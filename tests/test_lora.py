@@ -128,7 +128,10 @@ def test_export_command_rewrites_both_formats(base_dir, tmp_path):
     save_adapter(gen.unet, tmp_path / "adapter", formats=("diffusers",))
     assert main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "exp")]) == 0
     direct = save_adapter(gen.unet, tmp_path / "direct", formats=("kohya",))[0]
-    with safe_open(str(direct), "pt") as a, safe_open(str(tmp_path / "exp" / "lora_kohya.safetensors"), "pt") as b:
+    with (
+        safe_open(str(direct), "pt") as a,
+        safe_open(str(tmp_path / "exp" / "lora_kohya.safetensors"), "pt") as b,
+    ):
         assert sorted(a.keys()) == sorted(b.keys())
         for k in a.keys():
             torch.testing.assert_close(a.get_tensor(k), b.get_tensor(k))

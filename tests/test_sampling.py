@@ -107,6 +107,10 @@ def test_eta_zero_is_deterministic_ddim_without_logprob(tiny_gen):
     assert (a.images - b.images).abs().max() > 1e-3
     with pytest.raises(ValueError, match="no density"):
         ddim_step_with_logprob(
-            tiny_gen.scheduler, a.latents[:, 0], a.timesteps[0], a.latents[:, 0], 0.0,
+            tiny_gen.scheduler,
+            a.latents[:, 0],
+            a.timesteps[0],
+            a.latents[:, 0],
+            0.0,
             prev_sample=a.latents[:, 1],
         )
