@@ -1,1 +1,13 @@
-"""Evaluation metrics computed from features, and the HTML report (see DESIGN.md)."""
+"""Evaluation metrics computed from features, and the HTML report (see DESIGN.md).
+
+- ``eval.features``: swappable feature extractors (standard FID InceptionV3, any transformers
+  image encoder, a built-in fallback whose numbers are NOT comparable with published FIDs);
+- ``eval.distances``: Fréchet distance (FID / FBD), KID, Inception Score, on features;
+- ``eval.diversity``: mean pairwise SSIM / MS-SSIM within a prompt;
+- ``eval.fundus_stats``: fundus image statistics (SNR, contrast, sharpness, vessels, lighting);
+- ``eval.prompt_metrics``: Prompt-to-Polyp Fidelity / Agreement / Diversity / FBD;
+- ``eval.privacy``: nearest-training-image distances and near-copy flags;
+- ``eval.utility``: train-on-synthetic classifier utility and generation accuracy.
+
+Definitions, units and caveats: docs/metrics.md.
+"""

@@ -11,7 +11,6 @@ from safetensors import safe_open
 from generators.config import LoraConfig
 from generators.lora import (
     attach_lora,
-    export_run_adapter,
     get_adapter_state,
     load_adapter_into,
     save_adapter,
