@@ -22,6 +22,10 @@ from PIL import Image, ImageDraw
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm")
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class ImageDecodeError(ValueError):
     """The file exists but is not an image we can decode; the message names it."""
 
@@ -138,6 +142,7 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode
         Image.fromarray(image).save(tmp, format="PNG")
         os.replace(tmp, path)
     except BaseException:
