@@ -58,7 +58,10 @@ def build_tokenizer(cfg: TextEncoderConfig):
     else:
         vocab = resources.files("generators") / "assets" / "demo-vocab.txt"
         with resources.as_file(vocab) as path:
-            tok = BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+            # transformers 5 ignores ``vocab_file=`` here (every word becomes [UNK]); pass vocab=
+            tok = BertTokenizerFast(vocab=str(path), do_lower_case=True)
+        if len(tok) < 10:
+            raise RuntimeError(f"demo tokenizer vocabulary did not load from {vocab}")
     tok.model_max_length = cfg.max_length
     return tok
 

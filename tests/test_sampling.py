@@ -114,3 +114,21 @@ def test_eta_zero_is_deterministic_ddim_without_logprob(tiny_gen):
             0.0,
             prev_sample=a.latents[:, 1],
         )
+
+
+def test_demo_tokenizer_knows_the_prompt_words(tiny_cfg, tiny_gen):
+    """The bundled vocabulary really loads: prompt words are not [UNK], so text conditions."""
+    from generators.model import build_tokenizer
+
+    tok = build_tokenizer(tiny_cfg.model.text_encoder)
+    assert tok.tokenize("Left eye, moderate diabetic retinopathy") == [
+        "left",
+        "eye",
+        ",",
+        "moderate",
+        "diabetic",
+        "retinopathy",
+    ]
+    assert tok.unk_token_id not in tok("right eye, exudates").input_ids
+    left, right = tiny_gen.encode_prompts(["left eye", "right eye"])
+    assert not torch.allclose(left, right)
