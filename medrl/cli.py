@@ -78,6 +78,84 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- ratings, rewards
+
+
+def _ratings_db(args: argparse.Namespace) -> str:
+    if args.db:
+        return args.db
+    return _load(args).rewards.ratings_db
+
+
+def cmd_ratings_ingest(args: argparse.Namespace) -> int:
+    from generators.datasets import DataValidationError
+    from rewards.ratings import ingest_ratings
+
+    try:
+        report = ingest_ratings(args.csv, _ratings_db(args))
+    except DataValidationError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+def cmd_ratings_export(args: argparse.Namespace) -> int:
+    from rewards.ratings import export_ratings
+
+    print(f"wrote {export_ratings(_ratings_db(args), args.out)}")
+    return 0
+
+
+def cmd_ratings_agreement(args: argparse.Namespace) -> int:
+    import json
+
+    from rewards.ratings import agreement_report, format_agreement
+
+    report = agreement_report(_ratings_db(args))
+    print(json.dumps(report, indent=2) if args.json else format_agreement(report))
+    return 0
+
+
+def cmd_ratings_simulate(args: argparse.Namespace) -> int:
+    from rewards.simulated import simulate_ratings, write_demo_pool
+
+    if args.pool:
+        path = write_demo_pool(
+            args.images_dir,
+            count=args.count,
+            size=args.size,
+            seed=args.seed,
+            mismatch_fraction=args.mismatch_fraction,
+            raters=args.raters,
+            noise=args.noise,
+        )
+    else:
+        path = simulate_ratings(
+            args.images_dir,
+            args.out,
+            raters=args.raters,
+            noise=args.noise,
+            seed=args.seed,
+            use_records=not args.from_pixels,
+        )
+    print(f"wrote {path} (SIMULATED expert ratings, not from people)")
+    return 0
+
+
+def cmd_rewards_train(args: argparse.Namespace) -> int:
+    from rewards.training import format_report, train_rewards
+
+    cfg = _load(args)
+    ratings = args.ratings or cfg.rewards.ratings_db
+    out = Path(args.out) if args.out else cfg.run_dir / "rewards"
+    images_root = args.images_root or cfg.rewards.images_root or None
+    report = train_rewards(ratings, images_root, out, cfg.rewards, device=cfg.run.device)
+    print(format_report(report))
+    print(f"reward models and report.json in {out}")
+    return 0
+
+
 # --------------------------------------------------------------------------- generator
 
 
@@ -283,6 +361,64 @@ def build_parser() -> argparse.ArgumentParser:
     p = cfg.add_parser("docs", help="write docs/config.md from the config dataclasses")
     p.add_argument("--out", default="docs/config.md")
     p.set_defaults(func=cmd_config_docs)
+
+    ratings = sub.add_parser(
+        "ratings", help="expert ratings: ingest into SQLite, export, agreement, simulate"
+    ).add_subparsers(dest="ratings_command", required=True)
+    db_help = "SQLite ratings store (default: rewards.ratings_db of the config)"
+    p = ratings.add_parser("ingest", help="validate a ratings CSV and add it to the store")
+    p.add_argument("csv")
+    p.add_argument("--db", default=None, help=db_help)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_ratings_ingest)
+    p = ratings.add_parser("export", help="write the stored ratings to OUT (.csv or .parquet)")
+    p.add_argument("out")
+    p.add_argument("--db", default=None, help=db_help)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_ratings_export)
+    p = ratings.add_parser("agreement", help="inter-rater agreement (Krippendorff alpha, kappa)")
+    p.add_argument("--db", default=None, help=db_help)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_ratings_agreement)
+    p = ratings.add_parser(
+        "simulate", help="SIMULATED expert ratings of phantom images (demo only)"
+    )
+    p.add_argument(
+        "images_dir", help="folder with samples.parquet or pool.jsonl; with --pool: output folder"
+    )
+    p.add_argument("--pool", action="store_true", help="first write a phantom rating pool there")
+    p.add_argument("--out", default=None, help="ratings CSV (default: IMAGES_DIR/ratings.csv)")
+    p.add_argument("--count", type=int, default=480, help="--pool: number of phantoms")
+    p.add_argument("--size", type=int, default=64, help="--pool: image side in pixels")
+    p.add_argument(
+        "--mismatch-fraction",
+        type=float,
+        default=0.5,
+        help="--pool: share re-rated with a wrong prompt",
+    )
+    p.add_argument("--raters", type=int, default=1, help="number of simulated raters")
+    p.add_argument("--noise", type=float, default=0.0, help="rater noise (0: deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-pixels", action="store_true", help="ignore phantom records; measure")
+    p.set_defaults(func=cmd_ratings_simulate)
+
+    rewards = sub.add_parser("rewards", help="reward models from ratings").add_subparsers(
+        dest="rewards_command", required=True
+    )
+    p = rewards.add_parser("train", help="train the quality selector and the alignment policy")
+    p.add_argument(
+        "--ratings", default=None, help="store (.db), CSV or Parquet (default: rewards.ratings_db)"
+    )
+    p.add_argument(
+        "--images-root",
+        default=None,
+        help="image_path values are relative to this (default: "
+        "rewards.images_root, else the ratings file's folder)",
+    )
+    p.add_argument("--out", default=None, help="default: runs/<name>/rewards")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_rewards_train)
 
     p = sub.add_parser("demo", help="the whole path on the embedded default (phantom data, CPU)")
     _add_config_args(p)

@@ -35,6 +35,7 @@ from generators.config import (
     ModelConfig,
     SamplingConfig,
 )
+from rewards.config import RewardsConfig
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -203,10 +205,12 @@ def build(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> Any:
         kwargs[name] = coerced
     try:
         return cls(**kwargs)
-    except ConfigError as exc:
+    except ValueError as exc:  # a dataclass's own cross-field check (ConfigError or not)
         if prefix and not str(exc).startswith(prefix):
             raise ConfigError(f"{prefix}.{exc}") from None
-        raise
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(str(exc)) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -344,7 +348,13 @@ def write_config_docs(path: str | os.PathLike = "docs/config.md") -> Path:
         top = key.split(".")[0]
         if top != section:
             section = top
-            lines += ["", f"## `{top}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+            lines += [
+                "",
+                f"## `{top}`",
+                "",
+                "| key | type | default | meaning |",
+                "| --- | --- | --- | --- |",
+            ]
         cell = help_text.replace("|", "\\|")
         lines.append(f"| `{key}` | {type_name.replace('|', '/')} | `{default}` | {cell} |")
     path = Path(path)

@@ -1,0 +1,153 @@
+"""Settings owned by the rewards package (composed into the run config by medrl as ``rewards``).
+
+Both reward models are built tiny and random from these numbers (demo, tests) or load
+their backbones from ``pretrained`` (a local directory or a hub id) with the same
+classes (``ViTModel``, a BERT-family ``AutoModel``). Constraints live in field metadata
+(``min``, ``max``) and ``Literal`` types; ``medrl.config`` enforces them and names the
+key on error. The full-size preset is in docs/rewards.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from generators.config import TextEncoderConfig
+
+
+def _f(default, help: str, **meta):  # noqa: A002 - mirrors dataclasses.field's metadata
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults")
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The ViT image encoder of both reward models (each model gets its own copy)."""
+
+    pretrained: str | None = _f(
+        None,
+        "local dir or hub id of a ViTModel (e.g. google/vit-base-patch16-224-in21k); "
+        "null: build from the sizes below",
+    )
+    subfolder: str | None = _f(None, "subfolder of `pretrained` holding the ViT")
+    image_size: int = _f(
+        64, "input side in pixels (built models; a loaded ViT keeps its own)", min=16
+    )
+    patch_size: int = _f(8, "patch side in pixels (built models; full preset: 16)", min=1)
+    hidden_size: int = _f(64, "embedding size (built models; full preset: 768)", min=8)
+    num_layers: int = _f(2, "transformer layers (built models; full preset: 6)", min=1)
+    num_heads: int = _f(4, "attention heads (built models; full preset: 12)", min=1)
+    intermediate_size: int = _f(128, "feed-forward size (built models; full preset: 3072)", min=8)
+    pooling: Literal["mean", "cls"] = _f(
+        "mean",
+        "image embedding: mean of the final patch tokens (learns faster from scratch) or "
+        "the [CLS] token",
+    )
+    detail_channels: bool | None = _f(
+        None,
+        "feed the ViT 3 extra channels |x - blur(x)| (per-pixel local detail, which a small "
+        "ViT trained from scratch cannot learn through its linear patch embedding); "
+        "null: on for built ViTs, off for pretrained (3-channel) ones",
+    )
+
+    @property
+    def use_detail_channels(self) -> bool:
+        return self.pretrained is None if self.detail_channels is None else self.detail_channels
+
+    def __post_init__(self) -> None:
+        if self.pretrained is not None and self.detail_channels:
+            raise ValueError(
+                "rewards.vision.detail_channels: a pretrained ViT takes 3 channels; set it "
+                "to false or null with rewards.vision.pretrained"
+            )
+        if self.pretrained is None:
+            if self.image_size % self.patch_size:
+                raise ValueError(
+                    f"rewards.vision.image_size ({self.image_size}) must be divisible by "
+                    f"rewards.vision.patch_size ({self.patch_size})"
+                )
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"rewards.vision.hidden_size ({self.hidden_size}) must be divisible by "
+                    f"rewards.vision.num_heads ({self.num_heads})"
+                )
+
+
+@dataclass(frozen=True)
+class RewardsConfig:
+    """The quality selector, the alignment policy and how they learn from ratings."""
+
+    ratings_db: str = _f(
+        "ratings/ratings.db", "SQLite ratings store, one per project (`medrl ratings ingest`)"
+    )
+    images_root: str = _f(
+        "", "folder the ratings' image_path values are relative to; empty: beside the ratings"
+    )
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    selector_hidden: tuple[int, ...] = _f(
+        (64,), "MLP widths of the selector's score head (full preset: [384])", min=1
+    )
+    fusion_hidden: tuple[int, ...] = _f(
+        (64, 32),
+        "MLP widths of the alignment policy after the concat (full preset: [768, 384])",
+        min=1,
+    )
+    value_hidden: int = _f(
+        32, "hidden width of each model's separate value head (full preset: 384)", min=1
+    )
+    objective: Literal["reinforce", "regression"] = _f(
+        "reinforce",
+        "how the models learn: REINFORCE with a learned value baseline, or supervised "
+        "regression of the mean score on the rating",
+    )
+    compare_objectives: bool = _f(
+        True, "also train the other objective and report both on the held-out ratings"
+    )
+    reward: Literal["absolute", "squared"] = _f(
+        "absolute", "REINFORCE reward of a sampled score s for rating y: 1-|s-y| or 1-(s-y)^2"
+    )
+    regression_loss: Literal["mse", "bce"] = _f(
+        "mse", "loss of the regression objective between the mean score and the rating"
+    )
+    lr: float = _f(
+        2e-3,
+        "AdamW peak learning rate (warm-up, cosine decay; ~2e-5 for pretrained backbones)",
+        min=0.0,
+    )
+    weight_decay: float = _f(1e-2, "AdamW weight decay", min=0.0)
+    epochs: int = _f(80, "selector epochs (all rated images)", min=1)
+    stage1_epochs: int = _f(20, "alignment policy stage-1 epochs (all rated pairs)", min=1)
+    stage2_epochs: int = _f(
+        5, "alignment policy stage-2 epochs (pairs whose image passes the selector; 0: off)", min=0
+    )
+    batch_size: int = _f(32, "rated images per optimiser step", min=1)
+    num_samples: int = _f(
+        64, "scores drawn from the policy per image per step (REINFORCE)", min=1, max=1024
+    )
+    entropy_coef: float = _f(1e-2, "weight of the Beta entropy bonus (REINFORCE)", min=0.0)
+    value_coef: float = _f(0.5, "weight of the value head's MSE loss (REINFORCE)", min=0.0)
+    grad_clip: float = _f(1.0, "gradient norm clip (0: off)", min=0.0)
+    threshold: float = _f(
+        0.25,
+        "selector score an image must reach to pass (stage 2, the pass/fail report); "
+        "0.25 lies halfway between the normalised ratings poor (0) and fair (0.5)",
+        min=0.0,
+        max=1.0,
+    )
+    quality_weight: float = _f(0.5, "weight of the quality score in the combined reward", min=0.0)
+    alignment_weight: float = _f(
+        0.5, "weight of the alignment score in the combined reward", min=0.0
+    )
+    holdout_fraction: float = _f(
+        0.2, "share of rated images held out for the report (split by image)", min=0.0, max=0.9
+    )
+    seed: int = _f(0, "seed of the split, the initialisation and the score samples", min=0)
+
+    def __post_init__(self) -> None:
+        if self.quality_weight + self.alignment_weight <= 0:
+            raise ValueError(
+                "rewards.quality_weight + rewards.alignment_weight must be > 0 "
+                f"(got {self.quality_weight} and {self.alignment_weight})"
+            )
