@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_and_overrides_are_typed():
-    cfg = load_config(None, ["finetune.lr=3e-4", "model.unet.block_out_channels=[16,32]", "run.name=x"])
+    cfg = load_config(
+        None, ["finetune.lr=3e-4", "model.unet.block_out_channels=[16,32]", "run.name=x"]
+    )
     assert cfg.finetune.lr == pytest.approx(3e-4)
     assert cfg.model.unet.block_out_channels == (16, 32)
     assert cfg.run.name == "x"
