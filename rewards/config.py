@@ -144,6 +144,19 @@ class RewardsConfig:
         0.2, "share of rated images held out for the report (split by image)", min=0.0, max=0.9
     )
     seed: int = _f(0, "seed of the split, the initialisation and the score samples", min=0)
+    service_replicas: int = _f(
+        1, "reward service actors (Ray) or Serve replicas scoring in parallel", min=1
+    )
+    service_num_gpus: float = _f(
+        0.25,
+        "GPU share of each reward service replica (fractional: several share one GPU); "
+        "used only where the Ray cluster has GPUs, else replicas run on CPU",
+        min=0.0,
+        max=1.0,
+    )
+    service_batch_size: int = _f(
+        64, "images the reward service scores per forward pass (mini-batch)", min=1
+    )
 
     def __post_init__(self) -> None:
         if self.quality_weight + self.alignment_weight <= 0:
