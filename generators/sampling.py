@@ -68,40 +68,21 @@ def _left_broadcast(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return x.reshape(x.shape + (1,) * (len(shape) - x.dim())).expand(shape)
 
 
-def ddim_step_with_logprob(
+def ddim_mean_std(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
     timestep: torch.Tensor | int,
     sample: torch.Tensor,
     eta: float,
-    prev_sample: torch.Tensor | None = None,
-    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step and the log-probability of its result (DDPO's formula, see module doc).
+    """Mean and std of the DDIM transition x_t -> x_{t-1} (both shaped like ``sample``).
 
-    Args:
-        scheduler: a DDIMScheduler after ``set_timesteps``.
-        model_output: the (guided) UNet prediction for ``sample``.
-        timestep: current timestep, a scalar or one per sample (B,).
-        sample: x_t, (B, C, h, w).
-        eta: DDIM eta; > 0 for a log-probability to exist (0: deterministic DDIM, NaN log-prob).
-        prev_sample: x_{t-1} to score (learner replay); drawn when None.
-        noise: standard normal noise for the draw (B, C, h, w); required when
-            ``prev_sample`` is None.
-
-    Returns:
-        (prev_sample, log_prob of shape (B,)).
+    The learner's KL penalty to the base model compares two such Gaussians in closed form.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    if eta == 0 and prev_sample is not None:
-        raise ValueError(
-            "eta must be > 0 to score a transition: a deterministic step has no density"
-        )
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(...) before stepping")
-    if prev_sample is None and noise is None:
-        raise ValueError("give either prev_sample (to score) or noise (to draw)")
     cfg = scheduler.config
     t = torch.as_tensor(timestep, device="cpu").long().reshape(-1)
     if t.numel() == 1:
@@ -137,6 +118,43 @@ def ddim_step_with_logprob(
         x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
 
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    return mean, std
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: torch.Tensor | int,
+    sample: torch.Tensor,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step and the log-probability of its result (DDPO's formula, see module doc).
+
+    Args:
+        scheduler: a DDIMScheduler after ``set_timesteps``.
+        model_output: the (guided) UNet prediction for ``sample``.
+        timestep: current timestep, a scalar or one per sample (B,).
+        sample: x_t, (B, C, h, w).
+        eta: DDIM eta; > 0 for a log-probability to exist (0: deterministic DDIM, NaN log-prob).
+        prev_sample: x_{t-1} to score (learner replay); drawn when None.
+        noise: standard normal noise for the draw (B, C, h, w); required when
+            ``prev_sample`` is None.
+
+    Returns:
+        (prev_sample, log_prob of shape (B,)).
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    if eta == 0 and prev_sample is not None:
+        raise ValueError(
+            "eta must be > 0 to score a transition: a deterministic step has no density"
+        )
+    if prev_sample is None and noise is None:
+        raise ValueError("give either prev_sample (to score) or noise (to draw)")
+    mean, std = ddim_mean_std(scheduler, model_output, timestep, sample, eta)
+    device, dtype = sample.device, sample.dtype
     if eta == 0:  # plain deterministic DDIM: no log-probability
         return mean, torch.full((sample.shape[0],), float("nan"), device=device)
     if prev_sample is None:

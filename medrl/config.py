@@ -36,6 +36,7 @@ from generators.config import (
     SamplingConfig,
 )
 from rewards.config import RewardsConfig
+from rl.config import RLConfig
 
 
 class ConfigError(ValueError):
@@ -76,6 +77,7 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     @property
     def run_dir(self) -> Path:

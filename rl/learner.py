@@ -1,0 +1,363 @@
+"""The DDPO learner: a DeepSpeed engine over the UNet, only the LoRA weights trainable.
+
+Loss (DDPO, Black et al. 2023, as trl 0.23's ``DDPOTrainer.calculate_loss``): for each
+sample i and each trained DDIM step j, the log-probability of the recorded transition
+``latents[i, j] -> latents[i, j + 1]`` is recomputed through the engine (so gradients
+synchronise across ranks) and compared with the one recorded by the sampler:
+
+    ratio   = exp(logp_new - logp_old)
+    loss_ij = max(-A_i * ratio, -A_i * clip(ratio, 1 - eps, 1 + eps))
+
+plus, when ``kl_weight > 0``, ``kl_weight * KL(N(mu_new, s) || N(mu_base, s))``, the
+closed-form KL of the two Gaussian transitions where ``mu_base`` comes from the same
+UNet with its adapter disabled. Advantages are normalised per prompt over its group of
+images and clipped (:func:`group_advantages`). DeepSpeed accumulates gradients over
+the trained steps of a micro-batch and clips the gradient norm; one optimizer step
+per micro-batch.
+
+Ranks: every rank gets the same batch and trains on its shard (``rank::world``),
+padded with zero-weight rows so that every rank takes the same number of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from generators.config import LoraConfig, SamplingConfig
+from rl.config import RLConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainBatch:
+    """What one iteration trains on (already filtered to the stage's samples)."""
+
+    ids: list[str]
+    prompts: list[str]
+    latents: torch.Tensor  # (N, T + 1, C, h, w)
+    log_probs: torch.Tensor  # (N, T) recorded by the samplers
+    timesteps: torch.Tensor  # (T,)
+    advantages: torch.Tensor  # (N,)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def shard(self, rank: int, world: int) -> tuple[TrainBatch, torch.Tensor]:
+        """This rank's rows, padded to the longest shard; returns (batch, row weights)."""
+        n = len(self)
+        per_rank = math.ceil(n / world) if n else 0
+        rows = list(range(rank, n, world))
+        weights = [1.0] * len(rows)
+        while len(rows) < per_rank:  # pad with a zero-weight copy of a real row
+            rows.append(rows[0] if rows else 0)
+            weights.append(0.0)
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return (
+            TrainBatch(
+                ids=[self.ids[i] for i in rows],
+                prompts=[self.prompts[i] for i in rows],
+                latents=self.latents[idx],
+                log_probs=self.log_probs[idx],
+                timesteps=self.timesteps,
+                advantages=self.advantages[idx],
+            ),
+            torch.tensor(weights),
+        )
+
+
+def group_advantages(prompts: Sequence[str], rewards: torch.Tensor, clip: float) -> torch.Tensor:
+    """(reward - mean of its prompt's group) / std of the group, clipped to +-clip.
+
+    A group whose rewards are all equal gets zero advantages (nothing to learn from it).
+    """
+    from trl.trainer.utils import nanstd
+
+    rewards = rewards.double()
+    adv = torch.zeros_like(rewards)
+    for prompt in dict.fromkeys(prompts):
+        rows = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
+        group = rewards[rows]
+        std = nanstd(group) if len(rows) > 1 else torch.tensor(0.0, dtype=group.dtype)
+        if not torch.isfinite(std) or std < 1e-8:
+            continue
+        adv[rows] = (group - group.mean()) / std
+    return adv.clamp(-clip, clip).float()
+
+
+def ppo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    weights: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DDPO's clipped objective (trl 0.23 ``DDPOTrainer.loss``), weighted per row."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    per_row = torch.maximum(unclipped, clipped)
+    denom = weights.sum().clamp(min=1.0)
+    loss = (per_row * weights).sum() / denom
+    with torch.no_grad():
+        stats = {
+            "approx_kl": (0.5 * (log_prob - old_log_prob) ** 2 * weights).sum() / denom,
+            "clipfrac": (((ratio - 1.0).abs() > clip_range).float() * weights).sum() / denom,
+        }
+    return loss, stats
+
+
+def _deepspeed_env(cpu_shm: bool) -> None:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    if not torch.cuda.is_available() and not cpu_shm:
+        # DeepSpeed's CPU backend compiles a shared-memory allreduce op (C++, ~45 s) on
+        # first use; gloo's allreduce does the same job for LoRA-sized gradients.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_single_process_group() -> None:
+    """A one-rank process group (gloo) for running the learner outside Ray Train."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+class Learner:
+    """The UNet with LoRA under a DeepSpeed engine, plus the frozen text encoder."""
+
+    def __init__(
+        self,
+        generator_dir: str | os.PathLike,
+        lora: LoraConfig,
+        sampling: SamplingConfig,
+        cfg: RLConfig,
+        device: torch.device | str = "cpu",
+    ):
+        import torch.distributed as dist
+
+        _deepspeed_env(cfg.deepspeed_cpu_shm)
+        import deepspeed
+
+        from generators.lora import attach_lora, lora_parameters
+        from generators.model import load_generator
+
+        if not dist.is_initialized():
+            init_single_process_group()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.cfg, self.sampling = cfg, sampling
+        self.device = torch.device(device)
+        self.gen = load_generator(generator_dir).to(self.device)
+        self.gen.text_encoder.requires_grad_(False).eval()
+        self.gen.vae.requires_grad_(False).eval()
+        attach_lora(self.gen.unet, lora)
+        params = lora_parameters(self.gen.unet)
+        self.num_trainable = sum(p.numel() for p in params)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.train_steps = max(1, round(cfg.timestep_fraction * sampling.num_steps))
+        ds_config = {  # accumulation is driven by train() (set_gradient_accumulation_boundary)
+            "train_micro_batch_size_per_gpu": cfg.micro_batch,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": cfg.grad_clip,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            ds_config["bf16"] = {"enabled": False}
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.gen.unet,
+            optimizer=optimizer,
+            model_parameters=params,
+            config=ds_config,
+        )
+        self.scheduler = self.gen.scheduler
+        self.scheduler.set_timesteps(sampling.num_steps, device="cpu")
+        self.optimizer_steps = 0
+        self._uncond: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ adapter
+    def gathered(self):
+        """Context in which the LoRA weights are whole on this rank (ZeRO-3 partitions them)."""
+        import contextlib
+
+        if self.cfg.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        from generators.lora import lora_parameters
+
+        return deepspeed.zero.GatheredParameters(
+            lora_parameters(self.engine.module), modifier_rank=None
+        )
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights as cpu tensors (what the samplers receive)."""
+        from generators.lora import get_adapter_state
+
+        with self.gathered():
+            state = get_adapter_state(self.engine.module)
+            return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    # ------------------------------------------------------------------ loss
+    def _noise_pred(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor
+    ) -> torch.Tensor:
+        g = self.sampling.guidance_scale
+        model_in = self.scheduler.scale_model_input(x, t)
+        if g == 1.0:
+            return self.engine(model_in, t, encoder_hidden_states=cond).sample
+        t2 = torch.cat([t, t]) if t.dim() else t
+        out = self.engine(
+            torch.cat([model_in, model_in]), t2, encoder_hidden_states=torch.cat([uncond, cond])
+        ).sample
+        e_u, e_c = out.chunk(2)
+        return e_u + g * (e_c - e_u)
+
+    @torch.no_grad()
+    def _embeds(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        cond = self.gen.encode_prompts(prompts)
+        if self._uncond is None:
+            self._uncond = self.gen.encode_prompts([""])
+        return cond, self._uncond.expand(len(prompts), -1, -1)
+
+    def train(self, batch: TrainBatch, iteration: int, seed: int) -> dict[str, float]:
+        """Inner epochs over this rank's shard of ``batch``; returns mean statistics."""
+        from generators.sampling import ddim_step_with_logprob
+
+        cfg, eta = self.cfg, self.sampling.eta
+        shard, weights = batch.shard(self.rank, self.world)
+        n = len(shard)
+        if n == 0:
+            return {"updates": 0.0}
+        rng = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+        totals: dict[str, float] = {}
+        count = 0
+        self.engine.train()
+        num_t = batch.latents.shape[1] - 1
+        for _epoch in range(cfg.inner_epochs):
+            order = torch.randperm(n, generator=rng)
+            micro = list(order.split(cfg.micro_batch))
+            per_update = math.ceil(len(micro) / min(cfg.updates_per_epoch, len(micro)))
+            for first in range(0, len(micro), per_update):
+                group = micro[first : first + per_update]
+                plan = [
+                    (rows, j)
+                    for rows in group
+                    for j in torch.randperm(num_t, generator=rng)[: self.train_steps].tolist()
+                ]
+                # one optimizer step per group: gradients accumulate over its micro-steps
+                for step_i, (rows, j) in enumerate(plan):
+                    self.engine.set_gradient_accumulation_boundary(step_i == len(plan) - 1)
+                    cond, uncond = self._embeds([shard.prompts[i] for i in rows.tolist()])
+                    lat = shard.latents[rows].to(self.device)
+                    old = shard.log_probs[rows, j].to(self.device)
+                    adv = shard.advantages[rows].to(self.device)
+                    w = weights[rows].to(self.device)
+                    t_in = shard.timesteps[j].expand(len(rows)).to(self.device)
+                    x, x_next = lat[:, j], lat[:, j + 1]
+                    pred = self._noise_pred(x, t_in, cond, uncond)
+                    _, logp = ddim_step_with_logprob(
+                        self.scheduler, pred, t_in.cpu(), x, eta, prev_sample=x_next
+                    )
+                    loss, stats = ppo_loss(logp, old, adv, cfg.clip_range, w)
+                    if cfg.kl_weight > 0:
+                        kl = self._kl_to_base(pred, x, t_in, cond, uncond, w)
+                        loss = loss + cfg.kl_weight * kl
+                        stats["kl_to_base"] = kl.detach()
+                    self.engine.backward(loss / len(plan), scale_wrt_gas=False)
+                    for k, v in {"loss": loss.detach(), **stats}.items():
+                        totals[k] = totals.get(k, 0.0) + float(v)
+                    count += 1
+                self.engine.step()
+                self.optimizer_steps += 1
+        out = {k: v / max(count, 1) for k, v in totals.items()}
+        out["updates"] = float(self.optimizer_steps)
+        return out
+
+    def _kl_to_base(self, pred, x, t_in, cond, uncond, w) -> torch.Tensor:
+        from generators.sampling import ddim_mean_std
+
+        eta = self.sampling.eta
+        mean_new, std = ddim_mean_std(self.scheduler, pred, t_in.cpu(), x, eta)
+        unet = self.engine.module
+        unet.disable_adapters()
+        try:
+            with torch.no_grad():
+                base = self._noise_pred(x, t_in, cond, uncond)
+        finally:
+            unet.enable_adapters()
+        mean_base, _ = ddim_mean_std(self.scheduler, base, t_in.cpu(), x, eta)
+        per_row = ((mean_new - mean_base) ** 2 / (2 * std**2)).flatten(1).mean(1)
+        return (per_row * w).sum() / w.sum().clamp(min=1.0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, directory: Path) -> None:
+        """Collective: every rank writes its part of the engine state into ``directory``."""
+        self.engine.save_checkpoint(str(directory), tag="engine", save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag="engine", load_optimizer_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed engine state under {directory}/engine")
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def save_rng_state(path: Path) -> None:
+    """RNG states as JSON (lists of ints): nothing pickled."""
+    st = rng_state()
+    py = st["python"]
+    np_state = st["numpy"]
+    data = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": st["torch"].tolist(),
+    }
+    path.write_text(json.dumps(data))
+
+
+def load_rng_state(path: Path) -> None:
+    data = json.loads(path.read_text())
+    py = data["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = data["numpy"]
+    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
+    torch.set_rng_state(torch.tensor(data["torch"], dtype=torch.uint8))

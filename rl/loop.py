@@ -1,0 +1,605 @@
+"""``medrl rl train``: the DDPO loop on Ray (see DESIGN.md, "The RL iteration").
+
+The driver starts the sampler actors and the reward service, then a Ray Train
+``TorchTrainer`` whose workers each hold a :class:`rl.learner.Learner` (DeepSpeed over
+the UNet, LoRA only). Rank 0 of the trainer runs the iteration:
+
+1. the adapter of version k (k updates so far) goes into the object store once;
+2. held-out evaluation prompts are drawn with fixed seeds and scored (version k);
+3. the samplers draw ``group_size`` images for each of ``prompts_per_iteration``
+   prompts, seeds derived from (run seed, k), each sample with an id;
+4. the reward service scores them; rewards join samples by id;
+5. advantages are normalised per prompt; stage 2 keeps the samples that pass;
+6. every rank trains on its shard (gradients synchronised by DeepSpeed);
+7. a checkpoint is committed (temporary directory, rename, then the ``latest``
+   pointer), metrics go to stdout, TensorBoard, Ray metrics and metrics.jsonl.
+
+Everything an iteration draws is a function of (seed, k) and the adapter, so a rerun
+with the same run name resumes from the latest checkpoint and ends with the same adapter
+as an uninterrupted run. The same :func:`run_iterations` runs without Ray
+(:class:`LocalBackend`) for the single-process baseline of benchmarks/rl_iteration.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from medrl.config import RunConfig, to_dict
+from rl.learner import Learner, TrainBatch, group_advantages, load_rng_state, save_rng_state
+from rl.samplers import SampleRequest, Trajectories
+
+log = logging.getLogger(__name__)
+
+RL_DIR = "rl"
+LATEST = "latest"
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def resolve_inputs(cfg: RunConfig) -> dict[str, Any]:
+    """Generator dir, reward spec, training and evaluation prompts; clear errors if absent."""
+    run_dir = cfg.run_dir.resolve()
+    gen_dir = Path(cfg.rl.generator) if cfg.rl.generator else run_dir / "generator"
+    if not (gen_dir / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"rl.generator: no generator at {gen_dir} (run `medrl finetune` for this run "
+            "name, or set rl.generator to a generator directory)"
+        )
+    reward = cfg.rl.reward or str(run_dir / "rewards")
+    if reward not in ("brightness", "spatial") and not Path(reward).is_dir():
+        raise FileNotFoundError(
+            f"rl.reward: {reward} is not a reward-models directory (run `medrl rewards "
+            "train`), nor one of: brightness, spatial"
+        )
+    if reward not in ("brightness", "spatial"):
+        reward = str(Path(reward).resolve())
+    train_prompts, eval_prompts = _prompts(cfg)
+    return {
+        "run_dir": str(run_dir),
+        "generator_dir": str(gen_dir.resolve()),
+        "reward": reward,
+        "train_prompts": train_prompts,
+        "eval_prompts": eval_prompts,
+    }
+
+
+def _prompts(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    from generators.datasets import read_manifest
+
+    eval_prompts: list[str] = []
+    manifest = Path(cfg.data.manifest_path)
+    table = read_manifest(manifest) if manifest.is_file() else None
+    if cfg.rl.prompts_file:
+        path = Path(cfg.rl.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"rl.prompts_file: {path} does not exist")
+        train = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not train:
+            raise ValueError(f"rl.prompts_file: {path} holds no prompts")
+    elif table is not None:
+        train = list(dict.fromkeys(table.loc[table.split == "train", "Text"]))
+    else:
+        raise FileNotFoundError(
+            f"no prompts: set rl.prompts_file or data.manifest ({manifest} does not exist)"
+        )
+    if table is not None and cfg.rl.eval_prompts:
+        val = list(dict.fromkeys(table.loc[table.split != "train", "Text"]))
+        eval_prompts = (val or train)[: cfg.rl.eval_prompts]
+    elif cfg.rl.eval_prompts:
+        eval_prompts = train[: cfg.rl.eval_prompts]
+    return train, eval_prompts
+
+
+def iteration_requests(
+    prompts: Sequence[str], iteration: int, per_iteration: int, group: int, seed: int
+) -> list[SampleRequest]:
+    """The (id, prompt, seed) of iteration ``iteration``: a function of its arguments only.
+
+    Prompts are drawn with trl's ``RepeatSampler`` (each chosen prompt repeated ``group``
+    times, consecutively), seeded per iteration so a resumed run draws the same ones.
+    """
+    from trl.trainer.utils import RepeatSampler
+
+    count = min(per_iteration, len(prompts))
+    sampler = RepeatSampler(
+        list(prompts),
+        mini_repeat_count=group,
+        batch_size=count,
+        shuffle=True,
+        seed=seed * 1_000_003 + iteration,
+    )
+    order = list(sampler)[: count * group]
+    return [
+        SampleRequest(
+            sample_id=f"it{iteration:05d}-{n:04d}",
+            prompt=prompts[i],
+            seed=(seed * 7_919 + iteration) * 100_003 + n,
+        )
+        for n, i in enumerate(order)
+    ]
+
+
+def eval_requests(prompts: Sequence[str], iteration: int, first_seed: int) -> list[SampleRequest]:
+    return [
+        SampleRequest(f"eval{iteration:05d}-{n:03d}", p, first_seed + n)
+        for n, p in enumerate(prompts)
+    ]
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class Backend(Protocol):
+    """Where samples are drawn and scored: Ray actors, or this process."""
+
+    def draw(
+        self, requests: Sequence[SampleRequest], version: int, adapter: dict[str, torch.Tensor]
+    ) -> Trajectories: ...
+
+    def score(self, traj: Trajectories) -> Any: ...
+
+
+class RayBackend:
+    """Sampler actors and reward-service actors, by handle."""
+
+    def __init__(self, samplers: Sequence[Any], rewards: Sequence[Any], chunk: int):
+        self.samplers, self.rewards, self.chunk = list(samplers), list(rewards), chunk
+        self._version, self._ref = None, None
+
+    def draw(self, requests, version, adapter):
+        import ray
+
+        from rl.samplers import draw_samples
+
+        if version != self._version:  # one ray.put per adapter version
+            self._ref, self._version = ray.put(adapter), version
+        traj, _ = draw_samples(self.samplers, requests, version, self._ref, self.chunk)
+        return traj
+
+    def score(self, traj):
+        from rewards.service import score_with_services
+
+        return score_with_services(
+            self.rewards, traj.images, traj.prompts, traj.ids, batch_size=self.chunk
+        )
+
+
+class LocalBackend:
+    """One in-process sampler and reward: the single-process reference."""
+
+    def __init__(self, sampler: Any, reward: Any):
+        self.sampler, self.reward = sampler, reward
+
+    def draw(self, requests, version, adapter):
+        return self.sampler.sample(list(requests), version, [adapter])
+
+    def score(self, traj):
+        return self.reward.score(traj.images, traj.prompts, traj.ids)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def latest_rl_checkpoint(ckpt_root: Path) -> Path | None:
+    pointer = ckpt_root / LATEST
+    if not pointer.is_file():
+        return None
+    path = ckpt_root / pointer.read_text().strip()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist")
+    return path
+
+
+def _broadcast(obj: Any, src: int = 0) -> Any:
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def commit_rl_checkpoint(
+    learner: Learner, ckpt_root: Path, done: int, state: dict[str, Any], keep: int
+) -> Path:
+    """Collective. Every rank writes its engine state into a temporary directory; rank 0
+    adds adapter, state and RNG, renames it into place, then writes ``latest``, then
+    deletes checkpoints beyond ``keep`` (oldest first)."""
+    import torch.distributed as dist
+
+    from generators.lora import save_adapter
+
+    name = f"step-{done:06d}"
+    final = ckpt_root / name
+    tmp = None
+    if learner.rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}.")
+    tmp = Path(_broadcast(tmp))
+    learner.save(tmp)
+    dist.barrier()
+    if learner.rank == 0:
+        with learner.gathered():
+            save_adapter(learner.engine.module, tmp / "adapter", formats=("diffusers",))
+        save_rng_state(tmp / "rng.json")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write(ckpt_root / LATEST, name + "\n")
+        old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+        for p in old[: max(0, len(old) - keep)]:
+            shutil.rmtree(p, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class IterationLog:
+    """Where rank 0 reports: stdout, TensorBoard, Ray metrics, metrics.jsonl."""
+
+    run_dir: Path
+    run_name: str
+    use_ray_metrics: bool
+
+    def __post_init__(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.run_dir / "tb" / "rl"))
+        self.gauges: dict[str, Any] = {}
+
+    def _gauge(self, key: str, value: float) -> None:
+        if not self.use_ray_metrics or not math.isfinite(value):
+            return
+        from ray.util.metrics import Gauge
+
+        name = "medrl_rl_" + "".join(c if c.isalnum() else "_" for c in key)
+        if name not in self.gauges:
+            self.gauges[name] = Gauge(name, description=f"medrl RL: {key}", tag_keys=("run",))
+        self.gauges[name].set(value, tags={"run": self.run_name})
+
+    def write(self, record: dict[str, Any], eval_images: torch.Tensor | None) -> None:
+        it = record["iteration"]
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "iteration":
+                self.writer.add_scalar(f"rl/{k}", v, it)
+                self._gauge(k, float(v))
+        if eval_images is not None and len(eval_images):
+            from generators.images import make_grid, to_uint8
+
+            grid = make_grid(list(to_uint8(eval_images)), ncols=min(8, len(eval_images)))
+            self.writer.add_image("rl/eval_images", grid, it, dataformats="HWC")
+        self.writer.flush()
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"stage": "rl", **record}) + "\n")
+        keys = [
+            "reward_mean",
+            "reward_std",
+            "eval_reward",
+            "pass_rate",
+            "approx_kl",
+            "clipfrac",
+            "samples_per_s",
+        ]
+        shown = " ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
+        print(f"[rl] iteration {it} stage {record['stage_n']}: {shown}", flush=True)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _score_map(traj: Trajectories, result: Any) -> tuple[list[int], torch.Tensor, list[bool]]:
+    """Join scores to samples by id; rows with an error are dropped (and logged)."""
+    rows, rewards, passed = [], [], []
+    for i, sid in enumerate(traj.ids):
+        if sid in result.errors:
+            log.warning("reward error for %s: %s (sample dropped)", sid, result.errors[sid])
+            continue
+        s = result.scores[sid]
+        rows.append(i)
+        rewards.append(float(s.reward))
+        passed.append(bool(s.passed))
+    return rows, torch.tensor(rewards, dtype=torch.float32), passed
+
+
+def evaluate_adapter(
+    backend: Backend, prompts: Sequence[str], iteration: int, version: int, adapter, seed: int
+) -> tuple[float, torch.Tensor | None]:
+    """Mean combined reward of the fixed evaluation images under adapter ``version``."""
+    if not prompts:
+        return float("nan"), None
+    traj = backend.draw(eval_requests(prompts, iteration, seed), version, adapter)
+    rows, rewards, _ = _score_map(traj, backend.score(traj))
+    return (float(rewards.mean()) if rows else float("nan")), traj.images
+
+
+def run_iterations(
+    cfg: RunConfig,
+    inputs: dict[str, Any],
+    learner: Learner,
+    backend: Backend | None,
+    use_ray: bool,
+) -> list[dict[str, Any]]:
+    """The iterations (every rank calls this; ``backend`` is used on rank 0 only)."""
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    rl = cfg.rl
+    run_dir = Path(inputs["run_dir"])
+    ckpt_root = run_dir / RL_DIR / "checkpoints"
+    start, records = 0, []
+    latest = latest_rl_checkpoint(ckpt_root)
+    if latest is not None:
+        learner.load(latest)
+        state = json.loads((latest / "state.json").read_text())
+        start = int(state["iterations_done"])
+        learner.optimizer_steps = int(state.get("optimizer_steps", 0))
+        load_rng_state(latest / "rng.json")
+        if learner.rank == 0:
+            log.info("resuming %s after iteration %d (%s)", cfg.run.name, start - 1, latest)
+    report = IterationLog(run_dir, cfg.run.name, use_ray) if learner.rank == 0 else None
+    bar = tqdm(
+        range(start, rl.iterations),
+        desc="RL iterations",
+        disable=learner.rank != 0,
+        initial=start,
+        total=rl.iterations,
+    )
+    for k in bar:
+        t0 = time.perf_counter()
+        record: dict[str, Any] = {"iteration": k}
+        stage = 2 if k >= rl.stage2_start else 1
+        batch = None
+        eval_images = None
+        if learner.rank == 0:
+            adapter = learner.adapter_state()
+            record["eval_reward"], eval_images = evaluate_adapter(
+                backend, inputs["eval_prompts"], k, k, adapter, rl.eval_seed
+            )
+            requests = iteration_requests(
+                inputs["train_prompts"],
+                k,
+                rl.prompts_per_iteration,
+                rl.group_size,
+                cfg.run.seed,
+            )
+            t_draw = time.perf_counter()
+            traj = backend.draw(requests, k, adapter)
+            draw_s = time.perf_counter() - t_draw
+            assert all(v == k for v in traj.versions), "a sample drew with a stale adapter"
+            rows, rewards, passed = _score_map(traj, backend.score(traj))
+            traj = traj.select(rows)
+            adv = group_advantages(traj.prompts, rewards, rl.adv_clip)
+            keep = list(range(len(traj))) if stage == 1 else [i for i, p in enumerate(passed) if p]
+            batch = TrainBatch(
+                ids=[traj.ids[i] for i in keep],
+                prompts=[traj.prompts[i] for i in keep],
+                latents=traj.latents[keep],
+                log_probs=traj.log_probs[keep],
+                timesteps=traj.timesteps,
+                advantages=adv[keep],
+            )
+            record.update(
+                stage_n=stage,
+                reward_mean=float(rewards.mean()) if len(rewards) else float("nan"),
+                reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,
+                pass_rate=sum(passed) / max(len(passed), 1),
+                samples=len(requests),
+                trained_samples=len(keep),
+                samples_per_s=len(requests) / max(draw_s, 1e-9),
+            )
+            record[f"reward_mean_stage{stage}"] = record["reward_mean"]
+            record[f"reward_std_stage{stage}"] = record["reward_std"]
+        batch = _broadcast(batch)
+        stats = learner.train(batch, k, cfg.run.seed) if len(batch) else {}
+        stats = _mean_over_ranks(stats)
+        done = k + 1
+        if done % rl.checkpoint_every == 0 or done == rl.iterations:
+            state = {
+                "iterations_done": done,
+                "optimizer_steps": learner.optimizer_steps,
+                "adapter_version": done,
+                "config": to_dict(cfg),
+            }
+            commit_rl_checkpoint(learner, ckpt_root, done, state, rl.keep_checkpoints)
+        if learner.rank == 0:
+            record.update({k2: v for k2, v in stats.items() if k2 != "updates"})
+            record["seconds"] = time.perf_counter() - t0
+            report.write(record, eval_images)
+            records.append(record)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
+        if use_ray:
+            import ray.train
+
+            ray.train.report({k2: v for k2, v in record.items() if _num(v)})
+    if learner.rank == 0:
+        final = {"iteration": rl.iterations, "stage_n": 0}
+        adapter = learner.adapter_state()
+        final["eval_reward"], images = evaluate_adapter(
+            backend, inputs["eval_prompts"], rl.iterations, rl.iterations, adapter, rl.eval_seed
+        )
+        if start < rl.iterations:  # the final evaluation of this invocation
+            report.write(final, images)
+            records.append(final)
+        _export(learner, run_dir, cfg)
+        report.close()
+    dist.barrier()
+    return records
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
+    import torch.distributed as dist
+
+    keys = _broadcast(sorted(stats))  # rank 0's keys; every rank trains the same steps
+    if not keys:
+        return {}
+    values = torch.tensor([float(stats.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    values /= dist.get_world_size()
+    return dict(zip(keys, values.tolist(), strict=True))
+
+
+def _export(learner: Learner, run_dir: Path, cfg: RunConfig) -> Path:
+    from generators.lora import save_adapter
+
+    out = run_dir / RL_DIR / "adapter"
+    with learner.gathered():
+        save_adapter(
+            learner.engine.module,
+            out,
+            extra={"iterations": cfg.rl.iterations, "run": cfg.run.name},
+        )
+    log.info("RL adapter written to %s", out)
+    return out
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Body of each Ray Train worker (a DeepSpeed rank)."""
+    import ray.train
+
+    from medrl.config import RunConfig, build
+
+    cfg = build(RunConfig, config["cfg"])
+    inputs = config["inputs"]
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    ctx = ray.train.get_context()
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = f"cuda:{ctx.get_local_rank()}"
+        torch.cuda.set_device(device)
+    learner = Learner(inputs["generator_dir"], cfg.lora, cfg.sampling, cfg.rl, device=device)
+    backend = None
+    if learner.rank == 0:
+        backend = RayBackend(config["samplers"], config["rewards"], cfg.rl.sampler_chunk)
+    run_iterations(cfg, inputs, learner, backend, use_ray=True)
+
+
+def _ray_init(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
+    if cfg.rl.ray_address:
+        ray.init(address=cfg.rl.ray_address, runtime_env=env, log_to_driver=True)
+        return
+    # a local Ray: head and dashboard on 127.0.0.1 only; logical CPUs so that 2 samplers,
+    # the reward service and the learner fit a 2-core machine (they take turns)
+    cpus = max(os.cpu_count() or 1, cfg.rl.num_samplers + cfg.rl.learner_workers + 1)
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",
+        runtime_env=env,
+        configure_logging=False,
+    )
+
+
+def run_rl(cfg: RunConfig) -> dict[str, Any]:
+    """Driver of ``medrl rl train``: actors, reward service, the TorchTrainer."""
+    import ray
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rewards.service import start_reward_services
+    from rl.samplers import start_samplers
+
+    inputs = resolve_inputs(cfg)
+    run_dir = Path(inputs["run_dir"])
+    _ray_init(cfg)
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = has_gpu if cfg.rl.learner_use_gpu == "auto" else cfg.rl.learner_use_gpu == "true"
+    log.info(
+        "RL: %d samplers, %d reward service(s), %d learner worker(s) (%s)",
+        cfg.rl.num_samplers,
+        cfg.rewards.service_replicas,
+        cfg.rl.learner_workers,
+        "GPU" if use_gpu else "CPU",
+    )
+    samplers = start_samplers(
+        cfg.rl.num_samplers,
+        inputs["generator_dir"],
+        cfg.lora,
+        cfg.sampling,
+        num_gpus=cfg.rl.sampler_num_gpus,
+        max_restarts=cfg.rl.sampler_max_restarts,
+    )
+    rewards = start_reward_services(
+        inputs["reward"],
+        cfg.rewards,
+        replicas=cfg.rewards.service_replicas,
+        num_gpus=cfg.rewards.service_num_gpus,
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": to_dict(cfg),
+            "inputs": inputs,
+            "samplers": samplers,
+            "rewards": rewards,
+            "threads": 1,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.rl.learner_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": 1},
+        ),
+        run_config=TrainRunConfig(
+            name=f"rl-{cfg.run.name}", storage_path=str(run_dir / RL_DIR / "ray")
+        ),
+    )
+    result = trainer.fit()
+    for actor in [*samplers, *rewards]:
+        ray.kill(actor)
+    records = read_rl_records(run_dir)
+    return {
+        "run_dir": run_dir,
+        "adapter": run_dir / RL_DIR / "adapter",
+        "records": records,
+        "error": getattr(result, "error", None),
+    }
+
+
+def read_rl_records(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("stage") == "rl":
+            out.append(rec)
+    return out

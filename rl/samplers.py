@@ -1,0 +1,266 @@
+"""Sampler actors: each holds the base generator plus the current LoRA adapter.
+
+The driver puts each new adapter version in the object store once (``ray.put`` of the
+adapter weights only) and hands every sampler call ``(version, [ref])``. A sampler whose
+version differs fetches the weights and applies them with
+:func:`generators.lora.set_adapter_state`, which checks every key and shape before it
+writes, and the actor runs one call at a time, so no image is drawn with a half-applied
+adapter. Every sample records the adapter version that drew it.
+
+A sampler that dies is restarted by Ray (``max_restarts``); its unfinished call is
+submitted again (by Ray's ``max_task_retries`` and, failing that, by
+:func:`draw_samples`), and results are keyed by sample id, so nothing is lost or counted
+twice. A restarted sampler starts without an adapter and fetches the current one from
+the same reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from generators.config import LoraConfig, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One image to draw: its id (the join key for rewards), prompt and seed."""
+
+    sample_id: str
+    prompt: str
+    seed: int
+
+
+@dataclass
+class Trajectories:
+    """Samples with their DDIM trajectories, in the order of ``ids``."""
+
+    ids: list[str]
+    prompts: list[str]
+    seeds: list[int]
+    versions: list[int]  # adapter version that drew each sample
+    images: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    latents: torch.Tensor  # (B, T + 1, C, h, w)
+    log_probs: torch.Tensor  # (B, T)
+    timesteps: torch.Tensor  # (T,)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def select(self, order: Sequence[int]) -> Trajectories:
+        idx = torch.as_tensor(list(order), dtype=torch.long)
+        return Trajectories(
+            ids=[self.ids[i] for i in order],
+            prompts=[self.prompts[i] for i in order],
+            seeds=[self.seeds[i] for i in order],
+            versions=[self.versions[i] for i in order],
+            images=self.images[idx],
+            latents=self.latents[idx],
+            log_probs=self.log_probs[idx],
+            timesteps=self.timesteps,
+            meta=dict(self.meta),
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[Trajectories]) -> Trajectories:
+        if not parts:
+            raise ValueError("no trajectories to concatenate")
+        return Trajectories(
+            ids=[i for p in parts for i in p.ids],
+            prompts=[x for p in parts for x in p.prompts],
+            seeds=[x for p in parts for x in p.seeds],
+            versions=[x for p in parts for x in p.versions],
+            images=torch.cat([p.images for p in parts]),
+            latents=torch.cat([p.latents for p in parts]),
+            log_probs=torch.cat([p.log_probs for p in parts]),
+            timesteps=parts[0].timesteps,
+        )
+
+
+class Sampler:
+    """Draws trajectories with the base generator and the adapter version it is given.
+
+    Plain class: :func:`start_samplers` wraps it as a Ray actor; the single-process
+    baseline (benchmarks/rl_iteration.py) uses it directly.
+    """
+
+    def __init__(
+        self,
+        generator_dir: str,
+        lora: LoraConfig,
+        sampling: SamplingConfig,
+        device: str = "auto",
+        threads: int | None = None,
+    ):
+        from generators.lora import attach_lora
+        from generators.model import load_generator, resolve_device
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = resolve_device(device)
+        self.gen = load_generator(generator_dir).to(self.device)
+        attach_lora(self.gen.unet, lora)
+        self.gen.unet.eval()
+        self.sampling = sampling
+        self.version = -1
+        self.calls = 0
+
+    def set_adapter(self, version: int, state: dict[str, torch.Tensor]) -> None:
+        from generators.lora import set_adapter_state
+
+        set_adapter_state(self.gen.unet, state)  # checks everything before writing
+        self.version = version
+
+    def sample(
+        self, requests: Sequence[SampleRequest], version: int, adapter: list[Any]
+    ) -> Trajectories:
+        """Draw ``requests`` with adapter ``version``; ``adapter`` is ``[ref or state]``.
+
+        The reference sits inside a list so that Ray does not fetch the weights for calls
+        that already hold this version.
+        """
+        from generators.sampling import sample
+
+        if version != self.version:
+            state = adapter[0]
+            if not isinstance(state, dict):
+                import ray
+
+                state = ray.get(state)
+            self.set_adapter(version, state)
+        self.calls += 1
+        s = self.sampling
+        out = sample(
+            self.gen,
+            [r.prompt for r in requests],
+            [r.seed for r in requests],
+            num_steps=s.num_steps,
+            eta=s.eta,
+            guidance_scale=s.guidance_scale,
+            batch_size=s.batch_size,
+        )
+        return Trajectories(
+            ids=[r.sample_id for r in requests],
+            prompts=out.prompts,
+            seeds=out.seeds,
+            versions=[self.version] * len(requests),
+            images=out.images,
+            latents=out.latents,
+            log_probs=out.log_probs,
+            timesteps=out.timesteps,
+        )
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "version": self.version, "calls": self.calls}
+
+
+def start_samplers(
+    count: int,
+    generator_dir: str,
+    lora: LoraConfig,
+    sampling: SamplingConfig,
+    num_gpus: float = 0.0,
+    max_restarts: int = 3,
+) -> list[Any]:
+    """Start ``count`` sampler actors (fractional GPUs where the cluster has them)."""
+    import ray
+
+    gpus = num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    actor = ray.remote(Sampler).options(
+        num_cpus=1,
+        num_gpus=gpus,
+        max_restarts=max_restarts,
+        max_task_retries=max_restarts,
+        max_concurrency=1,
+    )
+    device = "cuda" if gpus > 0 else "cpu"
+    return [
+        actor.remote(generator_dir, lora, sampling, device=device, threads=1) for _ in range(count)
+    ]
+
+
+def chunked(requests: Sequence[SampleRequest], size: int) -> list[list[SampleRequest]]:
+    return [list(requests[i : i + size]) for i in range(0, len(requests), size)]
+
+
+def draw_samples(
+    samplers: Sequence[Any],
+    requests: Sequence[SampleRequest],
+    version: int,
+    adapter_ref: Any,
+    chunk: int,
+    on_chunk: Callable[[Trajectories], None] | None = None,
+    max_attempts: int = 4,
+) -> tuple[Trajectories, dict[str, Any]]:
+    """Spread ``requests`` over the sampler actors; return them in request order.
+
+    Chunks go to whichever sampler is free (``ray.wait``). A chunk whose sampler died is
+    submitted again (Ray retries it on the restarted actor first; if that fails too, it
+    is drawn by another sampler). Results are keyed by sample id: a chunk answered twice
+    is counted once, and the function checks that every id came back exactly once.
+    ``on_chunk`` sees each finished chunk as it arrives (rewards score while others draw).
+    """
+    import ray
+    from ray.exceptions import RayActorError
+
+    ids = [r.sample_id for r in requests]
+    if len(set(ids)) != len(ids):
+        raise ValueError("draw_samples: duplicate sample ids in the requests")
+    pending: list[tuple[list[SampleRequest], int]] = [(c, 0) for c in chunked(requests, chunk)]
+    free = list(range(len(samplers)))
+    running: dict[Any, tuple[int, list[SampleRequest], int]] = {}
+    done: dict[str, tuple[Trajectories, int]] = {}
+    parts: list[Trajectories] = []
+    redrawn = 0
+    t0 = time.perf_counter()
+    while pending or running:
+        while pending and free:
+            (work, attempts), who = pending.pop(0), free.pop(0)
+            ref = samplers[who].sample.remote(work, version, [adapter_ref])
+            running[ref] = (who, work, attempts)
+        ready, _ = ray.wait(list(running), num_returns=1)
+        ref = ready[0]
+        who, work, attempts = running.pop(ref)
+        try:
+            part: Trajectories = ray.get(ref)
+        except RayActorError as exc:
+            attempts += 1
+            redrawn += len(work)
+            if attempts >= max_attempts:
+                raise RuntimeError(
+                    f"sampler {who} failed {attempts} times on samples "
+                    f"{work[0].sample_id}..{work[-1].sample_id}: {exc}"
+                ) from exc
+            log.warning(
+                "sampler %d died; redrawing %d samples (%s..)", who, len(work), work[0].sample_id
+            )
+            pending.insert(0, (work, attempts))
+            free.append(who)  # Ray restarts it; calls queue until it is back
+            continue
+        free.append(who)
+        fresh = [i for i, sid in enumerate(part.ids) if sid not in done]
+        if len(fresh) != len(part.ids):
+            part = part.select(fresh)
+        for i, sid in enumerate(part.ids):
+            done[sid] = (part, i)
+        if len(part):
+            parts.append(part)
+            if on_chunk is not None:
+                on_chunk(part)
+    missing = [sid for sid in ids if sid not in done]
+    if missing:
+        raise RuntimeError(f"draw_samples: {len(missing)} samples never came back: {missing[:5]}")
+    merged = Trajectories.cat(parts)
+    position = {sid: i for i, sid in enumerate(merged.ids)}
+    out = merged.select([position[sid] for sid in ids])
+    out.meta = {"seconds": time.perf_counter() - t0, "redrawn": redrawn}
+    return out, out.meta

@@ -1,0 +1,74 @@
+"""A small generator for the RL tests: 32 px, its VAE trained briefly on phantoms.
+
+A randomly initialised decoder hardly lets latents change the image (its GroupNorm
+erases most of what they say), so a reward on pixels could not be learnt through it;
+120 VAE steps on 96 phantom images (~20 s) give a decoder that does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+RL_OVERRIDES = [
+    "model.resolution=32",
+    "data.demo_size=32",
+    "sampling.num_steps=6",
+    "sampling.batch_size=8",
+    "rl.prompts_per_iteration=2",
+    "rl.group_size=4",
+    "rl.micro_batch=4",
+    "rl.sampler_chunk=4",
+    "rl.eval_prompts=4",
+    "rl.inner_epochs=1",
+    "rl.reward=spatial",
+]
+
+
+def rl_config(tmp_path: Path, *overrides: str):
+    from medrl.config import load_config
+
+    return load_config(
+        "configs/demo.yaml",
+        [*RL_OVERRIDES, f"run.root={tmp_path}", f"data.root={tmp_path / 'data'}", *overrides],
+    )
+
+
+PROMPTS = [
+    "colour fundus photograph, left eye, no diabetic retinopathy",
+    "colour fundus photograph, right eye, moderate diabetic retinopathy",
+    "colour fundus photograph, left eye, severe diabetic retinopathy",
+    "colour fundus photograph, right eye, no diabetic retinopathy",
+]
+
+
+@pytest.fixture(scope="session")
+def rl_generator_dir(tmp_path_factory) -> Path:
+    from dataclasses import replace
+
+    from generators.finetune import ImageTextData, train_vae
+    from generators.model import build_generator
+    from generators.phantom import write_demo_dataset
+    from medrl.config import load_config
+
+    root = tmp_path_factory.mktemp("rlgen")
+    cfg = load_config("configs/demo.yaml", RL_OVERRIDES)
+    csv = write_demo_dataset(root / "data", count=96, size=32, seed=5)
+    from generators.datasets import ingest_csv
+
+    manifest = root / "data" / "manifest.parquet"
+    ingest_csv(csv, root=root / "data", out=manifest)
+    data = ImageTextData.from_manifest(manifest, resolution=32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = build_generator(cfg.model, seed=0)
+        train_vae(gen, data, replace(cfg.finetune, vae_steps=120, vae_batch_size=16), seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    return gen.save(root / "generator")
