@@ -44,7 +44,7 @@ format: install
 
 bench: install
 	$(BIN)/python benchmarks/sampling.py
-	$(BIN)/python benchmarks/rewards.py
+	$(BIN)/python benchmarks/reward_service.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -8,7 +8,7 @@ depend on them) scores N random images two ways, alternating so machine load hit
 - per image: N calls of one image each, all submitted at once (Ray pipelines them, so
   this is the best case without batching; no round trip is waited on between calls).
 
-    python benchmarks/rewards.py [--images 256] [--size 64] [--batch 64] [--repeats 3] \
+    python benchmarks/reward_service.py [--images 256] [--size 64] [--batch 64] [--repeats 3] \
         [key.sub=value ...]
 
 Prints images/s of both and the ratio batched / per image.
@@ -18,23 +18,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# This script is named like the `rewards` package; run as a script, its own folder comes
-# first on sys.path and would shadow the package (for Ray's workers too, which get the
-# driver's sys.path): take the folder off before importing anything of medrl.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import ray
+import torch
 
-import ray  # noqa: E402
-import torch  # noqa: E402
-
-from medrl.config import load_config  # noqa: E402
-from rewards.models import build_alignment, build_selector, save_reward_model  # noqa: E402
-from rewards.service import RewardServiceActor  # noqa: E402
+from medrl.config import load_config
+from rewards.models import build_alignment, build_selector, save_reward_model
+from rewards.service import RewardServiceActor
 
 
 def main() -> None:
