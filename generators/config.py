@@ -145,7 +145,20 @@ class LoraConfig:
     alpha: float = _f(8.0, "LoRA alpha (scale = alpha / rank); kept in every export", min=0.0)
     dropout: float = _f(0.0, "LoRA dropout", min=0.0, max=1.0)
     target_modules: tuple[str, ...] = _f(
-        ("to_q", "to_k", "to_v", "to_out.0"), "UNet attention projections that get LoRA"
+        (
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "proj_in",
+            "proj_out",
+            "conv1",
+            "conv2",
+            "time_emb_proj",
+        ),
+        "UNet modules that get LoRA: attention projections, the transformer blocks' in/out "
+        "projections and the resnet convolutions with their time embedding (a reward on "
+        "pixels needs the convolutions: docs/rl.md)",
     )
     init: Literal["gaussian", "default"] = _f(
         "gaussian", "LoRA init: B=0 either way, so a fresh adapter leaves outputs unchanged"

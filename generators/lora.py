@@ -1,12 +1,13 @@
-"""LoRA on the UNet's attention projections, through peft; export for diffusers and kohya.
+"""LoRA on the UNet (``lora.target_modules``), through peft; export for diffusers and kohya.
 
-- :func:`attach_lora` adds a peft adapter (``unet.add_adapter``), B = 0 so outputs are
-  unchanged until it trains;
+- :func:`attach_lora` adds a peft adapter (``unet.add_adapter``) to the modules named by
+  ``lora.target_modules`` (attention projections and resnet convolutions by default),
+  B = 0 so outputs are unchanged until it trains;
 - :func:`get_adapter_state` / :func:`set_adapter_state` move adapter weights only (what
   the RL loop sends to its samplers); ``set`` checks every key and shape before it
   writes anything, so a sampler never holds a half-applied adapter;
-- :func:`save_adapter` writes the current diffusers format
-  (``pytorch_lora_weights.safetensors``, rank and alpha in its metadata, loadable with
+- :func:`save_adapter` writes the current diffusers format (peft key names in
+  ``pytorch_lora_weights.safetensors``, rank and alpha in its metadata, loadable with
   ``pipe.load_lora_weights``) and the kohya format (``lora_unet_...`` keys with an
   ``.alpha`` per module, for A1111 / ComfyUI), plus ``adapter_config.json``.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from diffusers.utils import convert_state_dict_to_kohya
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -36,7 +37,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 def attach_lora(unet: torch.nn.Module, spec: LoraConfig, adapter_name: str = ADAPTER_NAME) -> None:
-    """Add a LoRA adapter to the UNet's attention projections and freeze everything else."""
+    """Add a LoRA adapter to the UNet modules ``spec.target_modules``; freeze everything else."""
     if adapter_name in getattr(unet, "peft_config", {}):
         raise ValueError(f"the UNet already has an adapter named {adapter_name!r}")
     unet.requires_grad_(False)
@@ -147,7 +148,12 @@ def save_adapter(
             metadata["target_modules"] = sorted(metadata.get("target_modules") or [])
             StableDiffusionPipeline.save_lora_weights(
                 tmp,
-                unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
+                # peft key names (``lora_A`` / ``lora_B``), the format diffusers writes
+                # today: its older ``lora.down`` names exist for attention projections
+                # only, and diffusers' loader decides the format from the first key, so a
+                # conversion would leave a mixed file whose convolution (or attention)
+                # weights get lost on load
+                unet_lora_layers=peft_state,
                 unet_lora_adapter_metadata=metadata,
                 safe_serialization=True,
             )

@@ -1,8 +1,12 @@
 """Settings owned by the RL package (composed into the run config by medrl as ``rl``).
 
 Defaults are the ones that learn at the demo's budget (a few iterations of a few dozen
-images on the tiny 64 px model, see docs/rl.md): DDPO's published defaults (lr 3e-4,
-clip 1e-4, one update per 256 images) barely move a tiny model in that budget.
+images on a tiny model; measured in docs/rl.md, "Defaults that learn", by
+benchmarks/rl_learning.py): four optimizer steps of 8 images per iteration at lr 5e-3,
+one pass, leaving out the two near-deterministic last DDIM steps (``min_noise_std``),
+on a LoRA that also covers the UNet's convolutions (``lora.target_modules``).
+DDPO's published defaults (lr 3e-4, clip 1e-4, one update per 256 images) barely move
+a tiny model in that budget.
 """
 
 from __future__ import annotations
@@ -51,7 +55,11 @@ class RLConfig:
         "on CPU, let DeepSpeed build its shared-memory allreduce op (a one-time C++ "
         "compile, ~45 s); off: plain gloo allreduce",
     )
-    lr: float = _f(3e-3, "AdamW learning rate of the LoRA weights", min=0.0)
+    lr: float = _f(
+        5e-3,
+        "AdamW learning rate of the LoRA weights (2e-2 and up collapsed the tiny test model)",
+        min=0.0,
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
     clip_range: float = _f(0.2, "PPO ratio clip range", min=0.0)
     adv_clip: float = _f(5.0, "advantages are clipped to [-adv_clip, adv_clip]", min=0.0)
@@ -59,13 +67,27 @@ class RLConfig:
         0.0, "weight of the KL penalty to the base model (adapter disabled); 0: off", min=0.0
     )
     grad_clip: float = _f(1.0, "gradient norm clip (0: off)", min=0.0)
-    inner_epochs: int = _f(2, "passes over each iteration's samples", min=1)
+    inner_epochs: int = _f(1, "passes over each iteration's samples", min=1)
     updates_per_epoch: int = _f(
-        1, "optimizer steps per pass over an iteration's samples (gradients accumulate)", min=1
+        4,
+        "optimizer steps per pass over an iteration's samples (each over an equal share "
+        "of its micro-batches; gradients accumulate within a step)",
+        min=1,
     )
     micro_batch: int = _f(8, "samples per learner forward pass (per rank)", min=1)
     timestep_fraction: float = _f(
-        1.0, "share of each trajectory's DDIM steps trained on", min=0.01, max=1.0
+        1.0,
+        "share of each trajectory's trainable DDIM steps (see min_noise_std) trained on",
+        min=0.01,
+        max=1.0,
+    )
+    min_noise_std: float = _f(
+        0.05,
+        "train only on DDIM steps whose noise std sigma_t is at least this: REINFORCE "
+        "estimates a step's gradient from its noise, so a near-deterministic step (the "
+        "last two of a Stable Diffusion schedule, sigma_t ~0.04 and ~0.02, where every "
+        "other step has >= 0.1) adds variance and almost no signal (docs/rl.md); 0: all",
+        min=0.0,
     )
     stage2_start: int = _f(
         2,
@@ -92,3 +114,37 @@ class RLConfig:
                 f"rl.micro_batch ({self.micro_batch}) is larger than the samples of one "
                 f"iteration ({self.prompts_per_iteration} x {self.group_size})"
             )
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """``medrl tune``: a Ray Tune search over the RL loop (one RL run per trial)."""
+
+    num_samples: int = _f(8, "trials drawn from the search space", min=1)
+    metric: str = _f(
+        "eval_reward", "what trials are compared on: a key of the RL iteration's metrics"
+    )
+    mode: Literal["max", "min"] = _f("max", "whether a larger or a smaller metric is better")
+    scheduler: Literal["asha", "fifo"] = _f(
+        "asha", "ASHA stops weak trials early (by iteration); fifo runs every trial to the end"
+    )
+    grace_period: int = _f(1, "ASHA: iterations every trial gets before it can be stopped", min=1)
+    reduction_factor: int = _f(2, "ASHA: keep the best 1/reduction_factor at each rung", min=2)
+    max_concurrent: int = _f(
+        1, "trials at once (each starts its own samplers, reward service and learner)", min=1
+    )
+    seed: int = _f(0, "seed of the search (which points are drawn)", min=0)
+    space: tuple[str, ...] = _f(
+        (
+            "rl.lr=loguniform(1e-3, 2e-2)",
+            "rl.clip_range=uniform(0.05, 0.5)",
+            "rl.adv_clip=choice(2.0, 5.0, 10.0)",
+            "rl.group_size=choice(4, 8)",
+            "rl.kl_weight=choice(0.0, 0.01, 0.1)",
+            "rewards.threshold=uniform(0.1, 0.5)",
+            "rewards.quality_weight=uniform(0.2, 0.8)",
+        ),
+        "search space, one `key=distribution(args)` per entry; distributions: uniform, "
+        "loguniform, randint (high exclusive), choice; keys are dotted config keys",
+    )
+    out: str = _f("", "where results.csv and best.yaml go; empty: runs/<run.name>/tune")

@@ -1,7 +1,9 @@
 """The DDPO learner: a DeepSpeed engine over the UNet, only the LoRA weights trainable.
 
 Loss (DDPO, Black et al. 2023, as trl 0.23's ``DDPOTrainer.calculate_loss``): for each
-sample i and each trained DDIM step j, the log-probability of the recorded transition
+sample i and each trained DDIM step j (those whose noise std is at least
+``rl.min_noise_std``, :meth:`Learner.trained_steps`; a random ``rl.timestep_fraction`` of
+them per sample), the log-probability of the recorded transition
 ``latents[i, j] -> latents[i, j + 1]`` is recomputed through the engine (so gradients
 synchronise across ranks) and compared with the one recorded by the sampler:
 
@@ -11,9 +13,12 @@ synchronise across ranks) and compared with the one recorded by the sampler:
 plus, when ``kl_weight > 0``, ``kl_weight * KL(N(mu_new, s) || N(mu_base, s))``, the
 closed-form KL of the two Gaussian transitions where ``mu_base`` comes from the same
 UNet with its adapter disabled. Advantages are normalised per prompt over its group of
-images and clipped (:func:`group_advantages`). DeepSpeed accumulates gradients over
-the trained steps of a micro-batch and clips the gradient norm; one optimizer step
-per micro-batch.
+images and clipped (:func:`group_advantages`). Each pass over an iteration's samples
+(``inner_epochs`` passes) takes ``updates_per_epoch`` optimizer steps; DeepSpeed
+accumulates the gradients of one step over the trained DDIM steps of its micro-batches
+and clips their norm. Several smaller steps per iteration learn far more than one step
+over all samples at the demo's budget (docs/rl.md, "Defaults that learn"); the first
+is on-policy (ratio 1), later ones are corrected by the clipped ratio.
 
 Ranks: every rank gets the same batch and trains on its shard (``rank::world``),
 padded with zero-weight rows so that every rank takes the same number of steps.
@@ -158,7 +163,10 @@ class Learner:
         sampling: SamplingConfig,
         cfg: RLConfig,
         device: torch.device | str = "cpu",
+        seed: int = 0,
     ):
+        """``seed`` draws the adapter's initial A matrices (B = 0), so two runs with the
+        same settings start from the same adapter whatever the global RNG did before."""
         import torch.distributed as dist
 
         _deepspeed_env(cfg.deepspeed_cpu_shm)
@@ -175,11 +183,13 @@ class Learner:
         self.gen = load_generator(generator_dir).to(self.device)
         self.gen.text_encoder.requires_grad_(False).eval()
         self.gen.vae.requires_grad_(False).eval()
-        attach_lora(self.gen.unet, lora)
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            attach_lora(self.gen.unet, lora)
         params = lora_parameters(self.gen.unet)
         self.num_trainable = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.train_steps = max(1, round(cfg.timestep_fraction * sampling.num_steps))
         ds_config = {  # accumulation is driven by train() (set_gradient_accumulation_boundary)
             "train_micro_batch_size_per_gpu": cfg.micro_batch,
             "gradient_accumulation_steps": 1,
@@ -199,6 +209,12 @@ class Learner:
         )
         self.scheduler = self.gen.scheduler
         self.scheduler.set_timesteps(sampling.num_steps, device="cpu")
+        sigma = self.step_std(self.scheduler.timesteps)
+        if not bool((sigma >= cfg.min_noise_std).any()):
+            raise ValueError(
+                f"rl.min_noise_std ({cfg.min_noise_std}) excludes every DDIM step: their noise "
+                f"std is at most {float(sigma.max()):.3g} (sampling.eta = {sampling.eta})"
+            )
         self.optimizer_steps = 0
         self._uncond: torch.Tensor | None = None
 
@@ -226,6 +242,24 @@ class Learner:
             return {k: v.detach().cpu().clone() for k, v in state.items()}
 
     # ------------------------------------------------------------------ loss
+    def step_std(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """sigma_t of the DDIM transition from each of ``timesteps`` (the policy's noise)."""
+        from generators.sampling import ddim_mean_std
+
+        zeros = torch.zeros(len(timesteps), 1, 1, 1, dtype=torch.float64)
+        _, std = ddim_mean_std(self.scheduler, zeros, timesteps.cpu(), zeros, self.sampling.eta)
+        return std.flatten().float()
+
+    def trained_steps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Indices of the DDIM steps that may be trained on (sigma_t >= rl.min_noise_std).
+
+        The score-function gradient of step j is A * (x_{j+1} - mu_j) / sigma_j^2 * dmu_j,
+        whose noise grows like 1 / sigma_j while what it estimates (how mu_j moves the
+        reward) does not; a near-deterministic step is almost all noise.
+        """
+        sigma = self.step_std(timesteps)
+        return torch.nonzero(sigma >= self.cfg.min_noise_std).flatten()
+
     def _noise_pred(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor
     ) -> torch.Tensor:
@@ -241,10 +275,18 @@ class Learner:
         return e_u + g * (e_c - e_u)
 
     @torch.no_grad()
-    def _embeds(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        cond = self.gen.encode_prompts(prompts)
+    def _encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Text embeddings of the distinct ``prompts``, once each (the encoder is frozen)."""
+        unique = list(dict.fromkeys(prompts))
         if self._uncond is None:
             self._uncond = self.gen.encode_prompts([""])
+        return dict(zip(unique, self.gen.encode_prompts(unique), strict=True))
+
+    def _embeds(
+        self, prompts: list[str], cache: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = cache if cache is not None else self._encode(prompts)
+        cond = torch.stack([cache[p] for p in prompts])
         return cond, self._uncond.expand(len(prompts), -1, -1)
 
     def train(self, batch: TrainBatch, iteration: int, seed: int) -> dict[str, float]:
@@ -260,7 +302,9 @@ class Learner:
         totals: dict[str, float] = {}
         count = 0
         self.engine.train()
-        num_t = batch.latents.shape[1] - 1
+        eligible = self.trained_steps(batch.timesteps)
+        per_sample = max(1, round(cfg.timestep_fraction * len(eligible)))
+        texts = self._encode(shard.prompts)
         for _epoch in range(cfg.inner_epochs):
             order = torch.randperm(n, generator=rng)
             micro = list(order.split(cfg.micro_batch))
@@ -270,12 +314,14 @@ class Learner:
                 plan = [
                     (rows, j)
                     for rows in group
-                    for j in torch.randperm(num_t, generator=rng)[: self.train_steps].tolist()
+                    for j in eligible[torch.randperm(len(eligible), generator=rng)][
+                        :per_sample
+                    ].tolist()
                 ]
                 # one optimizer step per group: gradients accumulate over its micro-steps
                 for step_i, (rows, j) in enumerate(plan):
                     self.engine.set_gradient_accumulation_boundary(step_i == len(plan) - 1)
-                    cond, uncond = self._embeds([shard.prompts[i] for i in rows.tolist()])
+                    cond, uncond = self._embeds([shard.prompts[i] for i in rows.tolist()], texts)
                     lat = shard.latents[rows].to(self.device)
                     old = shard.log_probs[rows, j].to(self.device)
                     adv = shard.advantages[rows].to(self.device)

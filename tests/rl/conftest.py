@@ -47,20 +47,30 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def rl_generator_dir(tmp_path_factory) -> Path:
+#: held-out prompts of the evaluation images (never trained on; the training prompts are
+#: PROMPTS): the demo's other DR grades
+EVAL_PROMPTS = [
+    "colour fundus photograph, left eye, mild non-proliferative diabetic retinopathy",
+    "colour fundus photograph, right eye, proliferative diabetic retinopathy",
+    "colour fundus photograph, right eye, mild non-proliferative diabetic retinopathy",
+    "colour fundus photograph, left eye, proliferative diabetic retinopathy",
+]
+
+
+def build_rl_generator(root: Path, vae_steps: int = 120) -> Path:
+    """The tests' generator under ``root``: the 32 px demo model, its VAE trained
+    ``vae_steps`` steps on 96 phantom images, its UNet untrained (benchmarks/rl_learning.py
+    builds the same one)."""
     from dataclasses import replace
 
+    from generators.datasets import ingest_csv
     from generators.finetune import ImageTextData, train_vae
     from generators.model import build_generator
     from generators.phantom import write_demo_dataset
     from medrl.config import load_config
 
-    root = tmp_path_factory.mktemp("rlgen")
     cfg = load_config("configs/demo.yaml", RL_OVERRIDES)
     csv = write_demo_dataset(root / "data", count=96, size=32, seed=5)
-    from generators.datasets import ingest_csv
-
     manifest = root / "data" / "manifest.parquet"
     ingest_csv(csv, root=root / "data", out=manifest)
     data = ImageTextData.from_manifest(manifest, resolution=32)
@@ -68,7 +78,12 @@ def rl_generator_dir(tmp_path_factory) -> Path:
     torch.set_num_threads(2)
     try:
         gen = build_generator(cfg.model, seed=0)
-        train_vae(gen, data, replace(cfg.finetune, vae_steps=120, vae_batch_size=16), seed=0)
+        train_vae(gen, data, replace(cfg.finetune, vae_steps=vae_steps, vae_batch_size=16), seed=0)
     finally:
         torch.set_num_threads(threads)
     return gen.save(root / "generator")
+
+
+@pytest.fixture(scope="session")
+def rl_generator_dir(tmp_path_factory) -> Path:
+    return build_rl_generator(tmp_path_factory.mktemp("rlgen"))
