@@ -45,6 +45,7 @@ format: install
 bench: install
 	$(BIN)/python benchmarks/sampling.py
 	$(BIN)/python benchmarks/reward_service.py
+	$(BIN)/python benchmarks/rl_iteration.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

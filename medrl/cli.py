@@ -174,6 +174,88 @@ def cmd_rewards_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rl_train(args: argparse.Namespace) -> int:
+    import math
+
+    from medrl.runs import prepare_run_dir
+    from rl.loop import resolve_inputs, run_rl
+
+    cfg = _load(args)
+    resolve_inputs(cfg)  # a missing generator, reward or prompts fails before Ray starts
+    run_dir = prepare_run_dir(cfg)
+    out = run_rl(cfg)
+    records = out["records"]
+    final = next((r for r in reversed(records) if r.get("stage_n") == 0), None)
+    reward = final.get("eval_reward") if final else None
+    print(f"RL adapter: {out['adapter']}")
+    print(f"metrics: {run_dir / 'metrics.jsonl'}")
+    print(f"TensorBoard: tensorboard --logdir {run_dir / 'tb'} --host 127.0.0.1")
+    print(f"checkpoints: {run_dir / 'rl' / 'checkpoints'}")
+    if reward is None or (isinstance(reward, float) and math.isnan(reward)):
+        print("final held-out reward: n/a (rl.eval_prompts=0)")
+    else:
+        print(f"final held-out reward: {reward:.4f}")
+    return 0
+
+
+#: config keys holding paths: made absolute before a sweep, since Tune trials run in
+#: processes of their own (and on a cluster, on other nodes)
+_PATH_KEYS = (
+    "run.root",
+    "data.root",
+    "data.csv",
+    "data.manifest",
+    "rl.prompts_file",
+    "rewards.ratings_db",
+    "rewards.images_root",
+)
+
+
+def _absolute_path_overrides(cfg) -> list[str]:
+    import json
+
+    out = []
+    for key in _PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and not Path(value).is_absolute():
+            out.append(f"{key}={json.dumps(str(Path(value).resolve()))}")
+    return out
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import functools
+
+    from medrl.config import load_config
+    from medrl.runs import prepare_run_dir
+    from rl.loop import resolve_inputs
+    from rl.tune import parse_space, run_tune
+
+    cfg = _load(args)
+    parse_space(cfg.tune.space)  # a bad search space fails before Ray starts
+    inputs = resolve_inputs(cfg)  # so do a missing generator, reward or prompts
+    preset = str(Path(args.config).resolve()) if args.config else None
+    base = [*args.overrides, *_absolute_path_overrides(cfg)]
+    if cfg.tune.out and not Path(cfg.tune.out).is_absolute():
+        base.append(f"tune.out={Path(cfg.tune.out).resolve()}")
+    cfg = load_config(preset, base)
+    out = run_tune(
+        cfg,
+        make_config=functools.partial(load_config, preset),
+        prepare=prepare_run_dir,
+        base_overrides=base,
+        fixed_inputs={"rl.generator": inputs["generator_dir"], "rl.reward": inputs["reward"]},
+    )
+    values = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in out["best_values"].items()
+    )
+    print(f"best {cfg.tune.metric}: {out['best_metric']:.4f} ({values})")
+    print(f"results: {out['results']}")
+    print(f"best config: {out['best']} (medrl rl train --config {out['best']})")
+    return 0
+
+
 # --------------------------------------------------------------------------- generator
 
 
@@ -498,6 +580,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_rewards_serve)
+
+    rl = sub.add_parser("rl", help="RL from expert feedback (DDPO on Ray)").add_subparsers(
+        dest="rl_command", required=True
+    )
+    p = rl.add_parser(
+        "train",
+        help="improve a generator's LoRA adapter against the reward (samplers, reward "
+        "service and DeepSpeed learner on Ray; dashboard on 127.0.0.1)",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_rl_train)
+
+    p = sub.add_parser(
+        "tune",
+        help="Ray Tune sweep over the RL loop (ASHA; tune.space, configs/sweep.yaml): "
+        "results.csv and best.yaml",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser(
         "submit",

@@ -36,7 +36,7 @@ from generators.config import (
     SamplingConfig,
 )
 from rewards.config import RewardsConfig
-from rl.config import RLConfig
+from rl.config import RLConfig, TuneConfig
 
 
 class ConfigError(ValueError):
@@ -78,6 +78,7 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -732,7 +732,13 @@ def start_reward_services(
         raise ValueError(f"replicas must be >= 1, got {replicas}")
     gpus, dev = _share_gpus(cfg.service_num_gpus if num_gpus is None else num_gpus, device)
     actor = RewardServiceActor.options(
-        num_cpus=num_cpus, num_gpus=gpus, max_restarts=2, max_task_retries=2
+        num_cpus=num_cpus,
+        num_gpus=gpus,
+        max_restarts=2,
+        max_task_retries=2,
+        # placed by the cluster, never inside the caller's placement group (a Ray Tune
+        # trial's holds only its driver function)
+        scheduling_strategy="DEFAULT",
     )
     handles = [actor.remote(spec, cfg, dev) for _ in range(replicas)]
     ray.get([h.ready.remote() for h in handles])

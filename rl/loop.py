@@ -22,6 +22,8 @@ as an uninterrupted run. The same :func:`run_iterations` runs without Ray
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -36,9 +38,12 @@ from typing import Any, Protocol
 
 import torch
 
-from medrl.config import RunConfig, to_dict
 from rl.learner import Learner, TrainBatch, group_advantages, load_rng_state, save_rng_state
 from rl.samplers import SampleRequest, Trajectories
+
+# ``cfg`` below is medrl's composed RunConfig (``run``, ``data``, ``lora``, ``sampling``,
+# ``rewards``, ``rl`` sections); rl does not import medrl (DESIGN.md: dependencies point one
+# way), so it is typed ``Any`` here and reaches the Ray Train workers as the object itself.
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,7 @@ LATEST = "latest"
 # --------------------------------------------------------------------------- inputs
 
 
-def resolve_inputs(cfg: RunConfig) -> dict[str, Any]:
+def resolve_inputs(cfg: Any) -> dict[str, Any]:
     """Generator dir, reward spec, training and evaluation prompts; clear errors if absent."""
     run_dir = cfg.run_dir.resolve()
     gen_dir = Path(cfg.rl.generator) if cfg.rl.generator else run_dir / "generator"
@@ -76,7 +81,7 @@ def resolve_inputs(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def _prompts(cfg: RunConfig) -> tuple[list[str], list[str]]:
+def _prompts(cfg: Any) -> tuple[list[str], list[str]]:
     from generators.datasets import read_manifest
 
     eval_prompts: list[str] = []
@@ -237,9 +242,10 @@ def commit_rl_checkpoint(
     tmp = Path(_broadcast(tmp))
     learner.save(tmp)
     dist.barrier()
-    if learner.rank == 0:
-        with learner.gathered():
+    with learner.gathered():  # collective under ZeRO-3: every rank enters, rank 0 writes
+        if learner.rank == 0:
             save_adapter(learner.engine.module, tmp / "adapter", formats=("diffusers",))
+    if learner.rank == 0:
         save_rng_state(tmp / "rng.json")
         (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
         if final.exists():
@@ -336,7 +342,7 @@ def evaluate_adapter(
 
 
 def run_iterations(
-    cfg: RunConfig,
+    cfg: Any,
     inputs: dict[str, Any],
     learner: Learner,
     backend: Backend | None,
@@ -360,6 +366,8 @@ def run_iterations(
         if learner.rank == 0:
             log.info("resuming %s after iteration %d (%s)", cfg.run.name, start - 1, latest)
     report = IterationLog(run_dir, cfg.run.name, use_ray) if learner.rank == 0 else None
+    initial_digest = adapter_digest(learner.adapter_state())  # collective under ZeRO-3
+    trained_ids: list[str] = []
     bar = tqdm(
         range(start, rl.iterations),
         desc="RL iterations",
@@ -367,14 +375,16 @@ def run_iterations(
         initial=start,
         total=rl.iterations,
     )
+    # an iteration's ``seconds`` runs from the previous one's mark to its own, so the
+    # reporting of iteration k-1 (TensorBoard, Ray metrics, ray.train.report) is in k's
+    mark = time.perf_counter()
     for k in bar:
-        t0 = time.perf_counter()
         record: dict[str, Any] = {"iteration": k}
         stage = 2 if k >= rl.stage2_start else 1
         batch = None
         eval_images = None
+        adapter = learner.adapter_state()  # on every rank: collective under ZeRO-3
         if learner.rank == 0:
-            adapter = learner.adapter_state()
             record["eval_reward"], eval_images = evaluate_adapter(
                 backend, inputs["eval_prompts"], k, k, adapter, rl.eval_seed
             )
@@ -413,6 +423,8 @@ def run_iterations(
             record[f"reward_mean_stage{stage}"] = record["reward_mean"]
             record[f"reward_std_stage{stage}"] = record["reward_std"]
         batch = _broadcast(batch)
+        shard, weights = batch.shard(learner.rank, learner.world)
+        trained_ids += [sid for sid, w in zip(shard.ids, weights.tolist(), strict=True) if w > 0]
         stats = learner.train(batch, k, cfg.run.seed) if len(batch) else {}
         stats = _mean_over_ranks(stats)
         done = k + 1
@@ -421,12 +433,13 @@ def run_iterations(
                 "iterations_done": done,
                 "optimizer_steps": learner.optimizer_steps,
                 "adapter_version": done,
-                "config": to_dict(cfg),
+                "config": dataclasses.asdict(cfg),
             }
             commit_rl_checkpoint(learner, ckpt_root, done, state, rl.keep_checkpoints)
         if learner.rank == 0:
             record.update({k2: v for k2, v in stats.items() if k2 != "updates"})
-            record["seconds"] = time.perf_counter() - t0
+            now = time.perf_counter()
+            record["seconds"], mark = now - mark, now
             report.write(record, eval_images)
             records.append(record)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
@@ -434,19 +447,57 @@ def run_iterations(
             import ray.train
 
             ray.train.report({k2: v for k2, v in record.items() if _num(v)})
+    adapter = learner.adapter_state()
     if learner.rank == 0:
         final = {"iteration": rl.iterations, "stage_n": 0}
-        adapter = learner.adapter_state()
         final["eval_reward"], images = evaluate_adapter(
             backend, inputs["eval_prompts"], rl.iterations, rl.iterations, adapter, rl.eval_seed
         )
         if start < rl.iterations:  # the final evaluation of this invocation
             report.write(final, images)
             records.append(final)
-        _export(learner, run_dir, cfg)
         report.close()
+    if use_ray and start < rl.iterations:
+        import ray.train
+
+        # the final adapter's held-out reward: what `medrl tune` ranks trials by
+        ray.train.report(
+            {k: v for k, v in final.items() if _num(v)}
+            if learner.rank == 0
+            else {"iteration": rl.iterations}
+        )
+    _export(learner, run_dir, cfg)
+    write_rank_record(
+        run_dir,
+        learner,
+        {
+            "iterations_done": rl.iterations,
+            "started_at": start,
+            "initial_adapter_sha256": initial_digest,
+            "adapter_sha256": adapter_digest(adapter),
+            "trained_ids": trained_ids,
+        },
+    )
     dist.barrier()
     return records
+
+
+def adapter_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of an adapter's weights (keys sorted, float32 bytes): equal iff bitwise equal."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_rank_record(run_dir: Path, learner: Learner, record: dict[str, Any]) -> Path:
+    """``rl/ranks/rank-NNN.json``: what this rank ended with (adapter hash, the sample ids
+    it trained on in this invocation). Ranks of one engine must end with equal hashes."""
+    out = run_dir / RL_DIR / "ranks" / f"rank-{learner.rank:03d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out, json.dumps({"rank": learner.rank, "world": learner.world, **record}))
+    return out
 
 
 def _num(v: Any) -> bool:
@@ -465,35 +516,46 @@ def _mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, values.tolist(), strict=True))
 
 
-def _export(learner: Learner, run_dir: Path, cfg: RunConfig) -> Path:
+def _export(learner: Learner, run_dir: Path, cfg: Any) -> Path:
     from generators.lora import save_adapter
 
     out = run_dir / RL_DIR / "adapter"
-    with learner.gathered():
-        save_adapter(
-            learner.engine.module,
-            out,
-            extra={"iterations": cfg.rl.iterations, "run": cfg.run.name},
-        )
-    log.info("RL adapter written to %s", out)
+    with learner.gathered():  # collective under ZeRO-3: every rank enters, rank 0 writes
+        if learner.rank == 0:
+            save_adapter(
+                learner.engine.module,
+                out,
+                extra={"iterations": cfg.rl.iterations, "run": cfg.run.name},
+            )
+            log.info("RL adapter written to %s", out)
     return out
 
 
 # --------------------------------------------------------------------------- Ray
 
+#: set to 0 to start the local Ray without its dashboard (tests do)
+DASHBOARD_ENV = "MEDRL_RAY_DASHBOARD"
+#: CPU share of a reward service replica on a CPU-only cluster (pixel rewards are cheap)
+REWARD_NUM_CPUS = 0.5
+
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Body of each Ray Train worker (a DeepSpeed rank)."""
+    """Body of each Ray Train worker (a DeepSpeed rank).
+
+    Ray Train has set up the torch.distributed process group (gloo on CPU, NCCL on GPU)
+    before this runs; DeepSpeed joins it. Rank 0 draws and scores through the sampler
+    and reward actors whose handles come in ``config``, and broadcasts each batch.
+    """
     import ray.train
 
-    from medrl.config import RunConfig, build
-
-    cfg = build(RunConfig, config["cfg"])
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is first imported
+    cfg = config["cfg"]  # the driver's config object (pickled by Ray)
     inputs = config["inputs"]
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     ctx = ray.train.get_context()
     device = "cpu"
-    if torch.cuda.is_available():
+    if config.get("use_gpu") and torch.cuda.is_available():
         device = f"cuda:{ctx.get_local_rank()}"
         torch.cuda.set_device(device)
     learner = Learner(inputs["generator_dir"], cfg.lora, cfg.sampling, cfg.rl, device=device)
@@ -503,29 +565,76 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_iterations(cfg, inputs, learner, backend, use_ray=True)
 
 
-def _ray_init(cfg: RunConfig) -> None:
+def _env_for_job(env_vars: dict[str, str]) -> dict[str, str]:
+    """``env_vars`` minus those the Ray job's own runtime env sets (Ray refuses to merge a
+    driver's runtime env that sets the same variable as the job's)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if not raw:
+        return env_vars
+    try:
+        job_env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (json.JSONDecodeError, AttributeError):
+        job_env = {}
+    return {k: v for k, v in env_vars.items() if k not in job_env}
+
+
+def _ray_init(cfg: Any) -> bool:
+    """Join or start Ray; True when this call connected (the caller shuts it down).
+
+    - Ray already initialised in this process (tests, Tune trials): used as it is.
+    - ``rl.ray_address`` set, or ``RAY_ADDRESS`` (set by Ray inside a job, so
+      ``medrl submit -- rl train ...`` lands here): join that cluster.
+    - else a local Ray: dashboard on 127.0.0.1 (``MEDRL_RAY_DASHBOARD=0``: none), logical
+      CPUs so that the samplers, the reward service and the learner all get scheduled on
+      a small machine (they take turns on its cores).
+    """
     import ray
 
     if ray.is_initialized():
-        return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
-    if cfg.rl.ray_address:
-        ray.init(address=cfg.rl.ray_address, runtime_env=env, log_to_driver=True)
-        return
-    # a local Ray: head and dashboard on 127.0.0.1 only; logical CPUs so that 2 samplers,
-    # the reward service and the learner fit a 2-core machine (they take turns)
-    cpus = max(os.cpu_count() or 1, cfg.rl.num_samplers + cfg.rl.learner_workers + 1)
-    ray.init(
-        num_cpus=cpus,
-        include_dashboard=False,
+        return False
+    env_vars = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    address = cfg.rl.ray_address or os.environ.get("RAY_ADDRESS", "").strip()
+    if address:
+        if address.startswith(("http://", "https://")):
+            raise ValueError(
+                f"Ray address {address!r} (rl.ray_address or RAY_ADDRESS) is a dashboard / "
+                "Jobs API address: run on that cluster with `medrl submit -- rl train ...`, "
+                "or give the cluster's GCS address (host:6379) or `auto`"
+            )
+        env = _env_for_job(env_vars)
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None)
+        log.info("RL: joined the Ray cluster at %s", address)
+        return True
+    if not torch.cuda.is_available():
+        env_vars["DS_ACCELERATOR"] = "cpu"
+    dashboard = os.environ.get(DASHBOARD_ENV, "1").strip().lower() not in ("0", "false", "no")
+    rl = cfg.rl
+    wanted = rl.num_samplers + rl.learner_workers
+    wanted += math.ceil(REWARD_NUM_CPUS * cfg.rewards.service_replicas)
+    ctx = ray.init(
+        num_cpus=max(os.cpu_count() or 1, wanted),
+        include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
-        runtime_env=env,
+        runtime_env={"env_vars": env_vars},
         configure_logging=False,
     )
+    url = getattr(ctx, "dashboard_url", None)
+    if dashboard and url:
+        print(f"Ray dashboard: http://{url} (RL metrics: ray_medrl_rl_*)", flush=True)
+    return True
 
 
-def run_rl(cfg: RunConfig) -> dict[str, Any]:
-    """Driver of ``medrl rl train``: actors, reward service, the TorchTrainer."""
+def run_rl(cfg: Any, callbacks: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Driver of ``medrl rl train``: actors, reward service, the TorchTrainer.
+
+    ``callbacks`` go to the trainer's ``RunConfig`` (``medrl tune`` passes Tune's
+    ``TuneReportCallback``: every iteration's ``ray.train.report`` reaches the trial).
+    Returns ``run_dir``, ``adapter`` (the exported LoRA), ``records`` (the RL records of
+    metrics.jsonl) and the Ray Train ``result``. A failed trainer raises (Ray Train's
+    ``TrainingFailedError``); the actors are stopped either way.
+    """
     import ray
     from ray.train import RunConfig as TrainRunConfig
     from ray.train import ScalingConfig
@@ -536,56 +645,72 @@ def run_rl(cfg: RunConfig) -> dict[str, Any]:
 
     inputs = resolve_inputs(cfg)
     run_dir = Path(inputs["run_dir"])
-    _ray_init(cfg)
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    use_gpu = has_gpu if cfg.rl.learner_use_gpu == "auto" else cfg.rl.learner_use_gpu == "true"
-    log.info(
-        "RL: %d samplers, %d reward service(s), %d learner worker(s) (%s)",
-        cfg.rl.num_samplers,
-        cfg.rewards.service_replicas,
-        cfg.rl.learner_workers,
-        "GPU" if use_gpu else "CPU",
-    )
-    samplers = start_samplers(
-        cfg.rl.num_samplers,
-        inputs["generator_dir"],
-        cfg.lora,
-        cfg.sampling,
-        num_gpus=cfg.rl.sampler_num_gpus,
-        max_restarts=cfg.rl.sampler_max_restarts,
-    )
-    rewards = start_reward_services(
-        inputs["reward"],
-        cfg.rewards,
-        replicas=cfg.rewards.service_replicas,
-        num_gpus=cfg.rewards.service_num_gpus,
-    )
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": to_dict(cfg),
-            "inputs": inputs,
-            "samplers": samplers,
-            "rewards": rewards,
-            "threads": 1,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.rl.learner_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": 1},
-        ),
-        run_config=TrainRunConfig(
-            name=f"rl-{cfg.run.name}", storage_path=str(run_dir / RL_DIR / "ray")
-        ),
-    )
-    result = trainer.fit()
-    for actor in [*samplers, *rewards]:
-        ray.kill(actor)
-    records = read_rl_records(run_dir)
+    started = _ray_init(cfg)
+    # Ray Train would send every print of the workers through its logger *and* stdout
+    # (each line twice); the loop prints its own progress lines. Propagated to workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    samplers: list[Any] = []
+    rewards: list[Any] = []
+    try:
+        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        use_gpu = has_gpu if cfg.rl.learner_use_gpu == "auto" else cfg.rl.learner_use_gpu == "true"
+        log.info(
+            "RL: %d samplers, %d reward service(s), %d learner worker(s) (%s)",
+            cfg.rl.num_samplers,
+            cfg.rewards.service_replicas,
+            cfg.rl.learner_workers,
+            "GPU" if use_gpu else "CPU",
+        )
+        samplers = start_samplers(
+            cfg.rl.num_samplers,
+            inputs["generator_dir"],
+            cfg.lora,
+            cfg.sampling,
+            num_gpus=cfg.rl.sampler_num_gpus,
+            max_restarts=cfg.rl.sampler_max_restarts,
+        )
+        rewards = start_reward_services(
+            inputs["reward"],
+            cfg.rewards,
+            replicas=cfg.rewards.service_replicas,
+            num_gpus=cfg.rewards.service_num_gpus,
+            num_cpus=REWARD_NUM_CPUS,
+        )
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "cfg": cfg,
+                "inputs": inputs,
+                "samplers": samplers,
+                "rewards": rewards,
+                "threads": 1,
+                "use_gpu": use_gpu,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cfg.rl.learner_workers,
+                use_gpu=use_gpu,
+                resources_per_worker={"CPU": 1},
+            ),
+            run_config=TrainRunConfig(
+                name=f"rl-{cfg.run.name}",
+                storage_path=str(run_dir / RL_DIR / "ray"),
+                callbacks=list(callbacks or []),
+            ),
+        )
+        result = trainer.fit()
+    finally:
+        for actor in [*samplers, *rewards]:
+            try:
+                ray.kill(actor)
+            except Exception as exc:  # an actor already gone is fine
+                log.debug("could not kill %s: %s", actor, exc)
+        if started:
+            ray.shutdown()
     return {
         "run_dir": run_dir,
         "adapter": run_dir / RL_DIR / "adapter",
-        "records": records,
+        "records": read_rl_records(run_dir),
+        "result": result,
         "error": getattr(result, "error", None),
     }
 

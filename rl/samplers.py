@@ -113,6 +113,7 @@ class Sampler:
         self.sampling = sampling
         self.version = -1
         self.calls = 0
+        self.fetches = 0  # adapter versions applied (one per new version)
 
     def set_adapter(self, version: int, state: dict[str, torch.Tensor]) -> None:
         from generators.lora import set_adapter_state
@@ -136,7 +137,8 @@ class Sampler:
                 import ray
 
                 state = ray.get(state)
-            self.set_adapter(version, state)
+            self.set_adapter(version, state)  # raises before writing if anything is off
+            self.fetches += 1
         self.calls += 1
         s = self.sampling
         out = sample(
@@ -157,10 +159,16 @@ class Sampler:
             latents=out.latents,
             log_probs=out.log_probs,
             timesteps=out.timesteps,
+            meta={"pid": os.getpid()},
         )
 
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "version": self.version, "calls": self.calls}
+        return {
+            "pid": os.getpid(),
+            "version": self.version,
+            "calls": self.calls,
+            "fetches": self.fetches,
+        }
 
 
 def start_samplers(
@@ -170,17 +178,28 @@ def start_samplers(
     sampling: SamplingConfig,
     num_gpus: float = 0.0,
     max_restarts: int = 3,
+    num_cpus: float = 1.0,
+    max_task_retries: int | None = None,
 ) -> list[Any]:
-    """Start ``count`` sampler actors (fractional GPUs where the cluster has them)."""
+    """Start ``count`` sampler actors (fractional GPUs where the cluster has them).
+
+    A dead actor is restarted up to ``max_restarts`` times and Ray resubmits its
+    unfinished call up to ``max_task_retries`` times (default: ``max_restarts``); 0 leaves
+    the resubmission to :func:`draw_samples`. Returns at once; the actors load the
+    generator in the background (calls queue until they are ready).
+    """
     import ray
 
     gpus = num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     actor = ray.remote(Sampler).options(
-        num_cpus=1,
+        num_cpus=num_cpus,
         num_gpus=gpus,
         max_restarts=max_restarts,
-        max_task_retries=max_restarts,
+        max_task_retries=max_restarts if max_task_retries is None else max_task_retries,
         max_concurrency=1,
+        # placed by the cluster, never inside the caller's placement group (a Ray Tune
+        # trial's holds only its driver function)
+        scheduling_strategy="DEFAULT",
     )
     device = "cuda" if gpus > 0 else "cpu"
     return [
@@ -200,14 +219,20 @@ def draw_samples(
     chunk: int,
     on_chunk: Callable[[Trajectories], None] | None = None,
     max_attempts: int = 4,
+    restart_timeout_s: float = 300.0,
 ) -> tuple[Trajectories, dict[str, Any]]:
     """Spread ``requests`` over the sampler actors; return them in request order.
 
-    Chunks go to whichever sampler is free (``ray.wait``). A chunk whose sampler died is
-    submitted again (Ray retries it on the restarted actor first; if that fails too, it
-    is drawn by another sampler). Results are keyed by sample id: a chunk answered twice
-    is counted once, and the function checks that every id came back exactly once.
-    ``on_chunk`` sees each finished chunk as it arrives (rewards score while others draw).
+    Chunks go to whichever sampler is free (``ray.wait``). A sampler that dies is
+    restarted by Ray, which also retries its unfinished call on the restarted actor
+    (``max_task_retries``). A call that still fails with a ``RayActorError`` goes back to
+    the front of the queue, for the next free sampler; the failed sampler gets no work
+    until it answers ``info()`` again (it is restarting), and none at all if it is not
+    back within ``restart_timeout_s``. A chunk that fails ``max_attempts`` times is an
+    error. Results are keyed by sample id: a chunk answered twice is counted once, and
+    the function checks that every id came back exactly once. ``on_chunk`` sees each
+    finished chunk as it arrives (rewards can score while others draw).
+    ``meta["redrawn"]`` counts the samples submitted again here.
     """
     import ray
     from ray.exceptions import RayActorError
@@ -215,20 +240,45 @@ def draw_samples(
     ids = [r.sample_id for r in requests]
     if len(set(ids)) != len(ids):
         raise ValueError("draw_samples: duplicate sample ids in the requests")
+    if not samplers:
+        raise ValueError("draw_samples: no sampler actors")
     pending: list[tuple[list[SampleRequest], int]] = [(c, 0) for c in chunked(requests, chunk)]
     free = list(range(len(samplers)))
     running: dict[Any, tuple[int, list[SampleRequest], int]] = {}
+    probes: dict[Any, tuple[int, float]] = {}  # info() of a failed sampler: (who, deadline)
     done: dict[str, tuple[Trajectories, int]] = {}
     parts: list[Trajectories] = []
     redrawn = 0
     t0 = time.perf_counter()
+
+    def probe(who: int, deadline: float) -> None:
+        probes[samplers[who].info.remote()] = (who, deadline)
+
     while pending or running:
         while pending and free:
             (work, attempts), who = pending.pop(0), free.pop(0)
             ref = samplers[who].sample.remote(work, version, [adapter_ref])
             running[ref] = (who, work, attempts)
-        ready, _ = ray.wait(list(running), num_returns=1)
+        if not running and not probes:
+            raise RuntimeError(
+                f"draw_samples: no sampler came back within {restart_timeout_s:g} s; "
+                f"{sum(len(w) for w, _ in pending)} samples not drawn"
+            )
+        ready, _ = ray.wait([*running, *probes], num_returns=1)
         ref = ready[0]
+        if ref in probes:
+            who, deadline = probes.pop(ref)
+            try:
+                ray.get(ref)
+            except RayActorError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)  # still restarting: ask again shortly
+                    probe(who, deadline)
+                else:
+                    log.warning("sampler %d did not come back; not used again", who)
+                continue
+            free.append(who)
+            continue
         who, work, attempts = running.pop(ref)
         try:
             part: Trajectories = ray.get(ref)
@@ -237,14 +287,14 @@ def draw_samples(
             redrawn += len(work)
             if attempts >= max_attempts:
                 raise RuntimeError(
-                    f"sampler {who} failed {attempts} times on samples "
-                    f"{work[0].sample_id}..{work[-1].sample_id}: {exc}"
+                    f"samples {work[0].sample_id}..{work[-1].sample_id} failed {attempts} "
+                    f"times (sampler {who}): {exc}"
                 ) from exc
             log.warning(
                 "sampler %d died; redrawing %d samples (%s..)", who, len(work), work[0].sample_id
             )
             pending.insert(0, (work, attempts))
-            free.append(who)  # Ray restarts it; calls queue until it is back
+            probe(who, time.monotonic() + restart_timeout_s)  # work again once it is back
             continue
         free.append(who)
         fresh = [i for i, sid in enumerate(part.ids) if sid not in done]

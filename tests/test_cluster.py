@@ -44,11 +44,29 @@ MANIFESTS = {
     "rayjob": CLUSTER / "kuberay-rayjob.yaml",
 }
 
-# The medrl command the slow test runs on the local cluster (after `medrl `); the test
-# appends run.root=<tmp> so nothing lands in the checkout.
-# switch to the RL job: rl train --config configs/demo.yaml run.name=cluster-test <tiny overrides>
-RL_JOB_ARGS = ["config", "show", "run.name=cluster-test"]
-RL_JOB_LOG_MARK = "cluster-test"
+# The medrl command the slow test runs on the local cluster (after `medrl `): one tiny RL
+# iteration (samplers, reward service, a Ray Train learner) joining that cluster through
+# the job's RAY_ADDRESS. The test appends run.root=<tmp>, rl.generator (a random 32 px
+# generator) and rl.prompts_file, so nothing lands in the checkout.
+RL_JOB_ARGS = [
+    "rl",
+    "train",
+    "--config",
+    "configs/demo.yaml",
+    "run.name=cluster-test",
+    "model.resolution=32",
+    "sampling.num_steps=4",
+    "rl.iterations=1",
+    "rl.num_samplers=1",
+    "rl.prompts_per_iteration=2",
+    "rl.group_size=2",
+    "rl.micro_batch=4",
+    "rl.sampler_chunk=4",
+    "rl.eval_prompts=2",
+    "rl.inner_epochs=1",
+    "rl.reward=spatial",
+]
+RL_JOB_LOG_MARK = "final held-out reward"
 
 
 def _load(name: str) -> list:
@@ -351,7 +369,7 @@ def ray_head():
         f"--dashboard-port={dash}",
         f"--ray-client-server-port={_free_port()}",
         f"--dashboard-agent-listen-port={_free_port()}",
-        "--num-cpus=2",
+        "--num-cpus=4",  # logical: sampler, reward service and learner of the RL job
         "--disable-usage-stats",
         f"--temp-dir={tmp / 'ray'}",
         "--block",
@@ -409,7 +427,7 @@ def test_submit_job_to_local_head_with_token_auth(ray_head, monkeypatch, tmp_pat
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
     runtime_env = load_runtime_env(MANIFESTS["runtime_env"])
     runtime_env["env_vars"].update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    args = [*RL_JOB_ARGS, f"run.root={tmp_path / 'runs'}"]
+    args = [*RL_JOB_ARGS, f"run.root={tmp_path / 'runs'}", *_rl_job_inputs(tmp_path)]
     out = io.StringIO()
     job_id = submit(args, address=address, runtime_env=runtime_env, timeout_s=600, out=out)
 
@@ -419,3 +437,18 @@ def test_submit_job_to_local_head_with_token_auth(ray_head, monkeypatch, tmp_pat
     assert RL_JOB_LOG_MARK in logs
     assert RL_JOB_LOG_MARK in out.getvalue()  # streamed while waiting
     assert [j.submission_id for j in client.list_jobs()] == [job_id]  # nothing refused ran
+    adapter = tmp_path / "runs" / "cluster-test" / "rl" / "adapter"
+    assert (adapter / "pytorch_lora_weights.safetensors").is_file()
+
+
+def _rl_job_inputs(tmp_path: Path) -> list[str]:
+    """A random 32 px generator and a prompts file for the RL job (what it learns does
+    not matter here, only that the job runs on the cluster)."""
+    from generators.model import build_generator
+    from medrl.config import load_config
+
+    cfg = load_config("configs/demo.yaml", RL_JOB_ARGS[4:])
+    gen = build_generator(cfg.model, seed=0).save(tmp_path / "generator")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("colour fundus photograph, left eye\ncolour fundus photograph, right eye\n")
+    return [f"rl.generator={gen}", f"rl.prompts_file={prompts}"]

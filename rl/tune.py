@@ -1,0 +1,273 @@
+"""``medrl tune``: Ray Tune over the RL loop, the Ray Train V2 way.
+
+Each Tune trial runs a small driver function (:func:`_trial`) that builds the trial's
+config (the base preset plus the sampled values as dotted overrides, validated like any
+command line), then launches the RL loop (:func:`rl.loop.run_rl`: samplers, reward
+service, a ``TorchTrainer``). The trainer's per-iteration reports reach Tune through
+``ray.tune.integration.ray_train.TuneReportCallback``, so ASHA can stop weak trials
+after any iteration. Every trial improves the same base generator with the same reward
+(the base run's, resolved once) in a run directory of its own, ``<run.name>-<trial id>``.
+
+The search space is text in the config (``tune.space``), one ``key=distribution(args)``
+per entry, so a sweep is a YAML preset (``configs/sweep.yaml``) and the command line can
+change it. Results: ``results.csv`` (one row per trial: its values, its last and best
+metric, iterations run) and ``best.yaml`` (the base config with the best trial's values:
+a preset for ``medrl rl train --config``), both written atomically.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rl.config import TuneConfig
+
+log = logging.getLogger(__name__)
+
+_ENTRY = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*(uniform|loguniform|randint|choice)\((.*)\)\s*$")
+#: CPU share of a trial's driver function (it only waits on its trainer)
+TRIAL_CPUS = 0.01
+
+_ARITY = {"uniform": 2, "loguniform": 2, "randint": 2}
+
+
+def parse_space(entries: Sequence[str]) -> dict[str, tuple[str, tuple[Any, ...]]]:
+    """``["rl.lr=loguniform(1e-4, 1e-2)", ...]`` -> ``{"rl.lr": ("loguniform", (1e-4, 1e-2))}``.
+
+    Raises ValueError naming the entry (``tune.space[i]``) and what is wrong.
+    """
+    out: dict[str, tuple[str, tuple[Any, ...]]] = {}
+    for i, entry in enumerate(entries):
+        where = f"tune.space[{i}] ({entry!r})"
+        m = _ENTRY.match(entry)
+        if not m:
+            raise ValueError(
+                f"{where}: expected key=distribution(args) with a distribution among "
+                "uniform, loguniform, randint, choice"
+            )
+        key, kind, raw = m.groups()
+        try:
+            args = ast.literal_eval(f"({raw},)") if raw.strip() else ()
+        except (ValueError, SyntaxError) as exc:
+            raise ValueError(f"{where}: arguments are not literals: {exc}") from None
+        if kind in _ARITY:
+            if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args):
+                raise ValueError(f"{where}: {kind} takes two numbers (low, high)")
+            if not args[0] < args[1]:
+                raise ValueError(f"{where}: low must be below high")
+            if kind == "loguniform" and args[0] <= 0:
+                raise ValueError(f"{where}: loguniform needs low > 0")
+        elif not args:
+            raise ValueError(f"{where}: choice needs at least one value")
+        if key in out:
+            raise ValueError(f"{where}: {key} appears twice in the search space")
+        out[key] = (kind, tuple(args))
+    return out
+
+
+def to_tune_space(space: dict[str, tuple[str, tuple[Any, ...]]]) -> dict[str, Any]:
+    from ray import tune
+
+    make = {
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(*a),
+        "choice": lambda a: tune.choice(list(a)),
+    }
+    return {key: make[kind](args) for key, (kind, args) in space.items()}
+
+
+def _override(key: str, value: Any) -> str:
+    if hasattr(value, "item"):  # a numpy scalar drawn by Tune
+        value = value.item()
+    return f"{key}={json.dumps(value)}"
+
+
+def _trial(
+    config: dict[str, Any],
+    make_config: Callable[[list[str]], Any],
+    prepare: Callable[[Any], Any],
+    base_overrides: list[str],
+    run_name: str,
+) -> None:
+    """One trial: build its config, run the RL loop, reporting every iteration to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from rl.loop import run_rl
+
+    trial_id = tune.get_context().get_trial_id()
+    values = config["params"]
+    overrides = [*base_overrides, *(_override(k, v) for k, v in values.items())]
+    # make_config validates the values like a command line; prepare writes the run dir
+    cfg = make_config([*overrides, f"run.name={run_name}-{trial_id}"])
+    prepare(cfg)
+    run_rl(cfg, callbacks=[TuneReportCallback()])
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def run_tune(
+    cfg: Any,
+    make_config: Callable[[list[str]], Any],
+    prepare: Callable[[Any], Any],
+    base_overrides: Sequence[str],
+    fixed_inputs: dict[str, str],
+) -> dict[str, Any]:
+    """Run the sweep ``cfg.tune`` over the RL loop; write results.csv and best.yaml.
+
+    Args:
+        cfg: the resolved base config (``cfg.tune``, ``cfg.rl``, ``cfg.run``).
+        make_config: ``overrides -> config`` (the CLI's loader, which validates every
+            value); picklable: it runs in the trial's process.
+        prepare: ``config -> run dir``: creates a trial's run directory and writes its
+            resolved config there.
+        base_overrides: the command line's overrides, applied before the trial's values.
+        fixed_inputs: ``{"rl.generator": dir, "rl.reward": spec}`` resolved from the base
+            run, so every trial starts from the same generator and reward.
+
+    Returns:
+        ``{"results": path, "best": path, "best_values": {...}, "best_metric": float}``.
+    """
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from rl.loop import _ray_init
+
+    tc: TuneConfig = cfg.tune
+    space = parse_space(tc.space)
+    out = Path(tc.out) if tc.out else Path(cfg.run.root) / cfg.run.name / "tune"
+    out = out.resolve()
+    base = [*base_overrides, *(_override(k, v) for k, v in fixed_inputs.items())]
+    # trials keep the driver's working directory (paths in the config stay valid)
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    started = _ray_init(cfg)
+    try:
+        if tc.scheduler == "asha":
+            # iterations report 0..n-1 and the final evaluation n: max_t above n, so that
+            # ASHA never stops a trial at its final report (a stopped trial's actor is
+            # killed before its trainer has exported the adapter and released its
+            # placement group)
+            scheduler = ASHAScheduler(
+                time_attr="iteration",
+                max_t=cfg.rl.iterations + 1,
+                grace_period=min(tc.grace_period, cfg.rl.iterations),
+                reduction_factor=tc.reduction_factor,
+            )
+        else:
+            scheduler = FIFOScheduler()
+        trainable = tune.with_parameters(
+            _trial,
+            make_config=make_config,
+            prepare=prepare,
+            base_overrides=base,
+            run_name=cfg.run.name,
+        )
+        # the trial function only waits on its trainer: a token CPU share (Tune refuses
+        # an empty resource request); the samplers, reward service and learner workers
+        # it starts ask for their own
+        trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPUS})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"params": to_tune_space(space)},
+            tune_config=tune.TuneConfig(
+                metric=tc.metric,
+                mode=tc.mode,
+                scheduler=scheduler,
+                num_samples=tc.num_samples,
+                # the variant generator limits concurrency itself (Tune ignores
+                # max_concurrent_trials next to a generator instance)
+                search_alg=BasicVariantGenerator(
+                    max_concurrent=tc.max_concurrent, random_state=tc.seed
+                ),
+            ),
+            run_config=tune.RunConfig(name=f"tune-{cfg.run.name}", storage_path=str(out / "ray")),
+        )
+        log.info("tune: %d trials over %s", tc.num_samples, ", ".join(space))
+        grid = tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    rows = []
+    for result in grid:
+        values = (result.config or {}).get("params", {})
+        history = result.metrics_dataframe
+        metric_col = history[tc.metric] if history is not None and tc.metric in history else None
+        best = None
+        if metric_col is not None and len(metric_col.dropna()):
+            best = float(metric_col.max() if tc.mode == "max" else metric_col.min())
+        last = (result.metrics or {}).get(tc.metric)
+        rows.append(
+            {
+                "trial": Path(result.path).name if result.path else "",
+                **values,
+                f"{tc.metric}_last": last,
+                f"{tc.metric}_best": best,
+                "last_iteration": (result.metrics or {}).get("iteration"),
+                "error": "" if result.error is None else str(result.error).splitlines()[0],
+            }
+        )
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    results_csv = out / "results.csv"
+    _atomic_text(results_csv, table.to_csv(index=False))
+    # ranked by the last report (the final adapter's held-out reward for a trial that ran
+    # to the end): iteration 0 scores the untouched base adapter, the same in every trial,
+    # so a best-ever value would not tell trials apart. Trials that ran furthest come
+    # first: one that ASHA stopped early lost to another at that point, and its last value
+    # is from fewer iterations than the others'.
+    scored = [r for r in rows if _finite(r[f"{tc.metric}_last"])]
+    if not scored:
+        raise RuntimeError(f"tune: no trial reported {tc.metric}; see {results_csv}")
+    furthest = max(int(r["last_iteration"] or 0) for r in scored)
+    finalists = [r for r in scored if int(r["last_iteration"] or 0) == furthest]
+    pick = max if tc.mode == "max" else min
+    best_row = pick(finalists, key=lambda r: r[f"{tc.metric}_last"])
+    best_values = {k: best_row[k] for k in space}
+    best_cfg = make_config([*base, *(_override(k, v) for k, v in best_values.items())])
+    best_yaml = out / "best.yaml"
+    header = (
+        f"# best of {len(rows)} trials of `medrl tune` (run {cfg.run.name}): "
+        f"{tc.metric} {best_row[f'{tc.metric}_last']:.4g}\n"
+        + "".join(f"#   {k} = {v}\n" for k, v in best_values.items())
+    )
+    _atomic_text(best_yaml, header + yaml.safe_dump(_plain(best_cfg), sort_keys=False))
+    log.info("tune: results in %s, best config in %s", results_csv, best_yaml)
+    return {
+        "results": results_csv,
+        "best": best_yaml,
+        "best_values": best_values,
+        "best_metric": best_row[f"{tc.metric}_last"],
+    }
