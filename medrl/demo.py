@@ -1,11 +1,17 @@
 """``medrl demo``: the whole path on the embedded default, on this machine's CPU.
 
-Steps (each skipped when its output is already there, so a rerun resumes):
+Steps (each skipped or resumed when its output is already there, so a rerun resumes):
 
 1. write the procedural fundus phantom dataset (``data.root``),
 2. validate it into a Parquet manifest,
 3. fine-tune the generator (VAE, then UNet) into ``runs/<name>/``,
-4. generate a pool of samples for held-out prompts.
+4. generate a pool of samples for held-out prompts,
+5. write the demo rating pool with SIMULATED expert ratings and ingest them into the
+   ratings store (``rewards.ratings_db``),
+6. train the reward models (selector, alignment policy) into ``runs/<name>/rewards``,
+7. run the RL loop on a local Ray (``rl.num_samplers`` sampler actors, the reward
+   service, a DeepSpeed learner under Ray Train),
+8. export the RL adapter (diffusers and kohya formats) to ``runs/<name>/export``.
 
 It opens nothing; it prints where the results are.
 """
@@ -13,8 +19,10 @@ It opens nothing; it prints where the results are.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -35,7 +43,7 @@ def run_demo(cfg: RunConfig) -> dict[str, Path]:
     data_root = Path(cfg.data.root)
     csv = Path(cfg.data.csv_path)
     if not csv.is_file():
-        log.info("step 1/4: writing %d phantom fundus images to %s", cfg.data.demo_count, data_root)
+        log.info("step 1/8: writing %d phantom fundus images to %s", cfg.data.demo_count, data_root)
         write_demo_dataset(
             data_root,
             count=cfg.data.demo_count,
@@ -44,16 +52,16 @@ def run_demo(cfg: RunConfig) -> dict[str, Path]:
             val_fraction=cfg.data.val_fraction,
         )
     else:
-        log.info("step 1/4: phantom dataset already at %s", data_root)
+        log.info("step 1/8: phantom dataset already at %s", data_root)
     manifest = Path(cfg.data.manifest_path)
     if not manifest.is_file():
-        log.info("step 2/4: validating %s", csv)
+        log.info("step 2/8: validating %s", csv)
         ingest_csv(csv, root=data_root, out=manifest)
     else:
-        log.info("step 2/4: manifest already at %s", manifest)
+        log.info("step 2/8: manifest already at %s", manifest)
 
     run_dir = prepare_run_dir(cfg)
-    log.info("step 3/4: fine-tuning the generator in %s", run_dir)
+    log.info("step 3/8: fine-tuning the generator in %s", run_dir)
     result = finetune(
         run_dir,
         cfg.model,
@@ -66,7 +74,7 @@ def run_demo(cfg: RunConfig) -> dict[str, Path]:
         resolved_config=to_dict(cfg),
     )
 
-    log.info("step 4/4: sampling held-out prompts")
+    log.info("step 4/8: sampling held-out prompts")
     table = read_manifest(manifest)
     val = table[table.split == "val"].drop_duplicates("Text")
     if val.empty:
@@ -83,6 +91,9 @@ def run_demo(cfg: RunConfig) -> dict[str, Path]:
         generator_name=str(result.generator_dir),
     )
     comparison = _real_vs_generated(val, samples, run_dir / "samples" / "real-vs-generated.png")
+
+    rewards_dir = _reward_models(cfg, run_dir)
+    rl = _rl(cfg, run_dir)
     paths = {
         "data": data_root,
         "manifest": manifest,
@@ -91,13 +102,70 @@ def run_demo(cfg: RunConfig) -> dict[str, Path]:
         "samples": samples,
         "grid": run_dir / "samples" / "finetune-grid.png",
         "comparison": comparison,
+        "ratings": Path(cfg.rewards.ratings_db),
+        "rewards": rewards_dir,
+        "rl_adapter": rl["adapter"],
+        "export": rl["export"],
+        "metrics": run_dir / "metrics.jsonl",
         "tensorboard": run_dir / "tb",
     }
     print(f"\nmedrl demo finished in {time.time() - t0:.0f} s. Results:")
     for name, path in paths.items():
         print(f"  {name:12s} {path}")
+    curve = rl["eval_curve"]
+    if curve:
+        shown = ", ".join(f"{r:.4f}" for r in curve)
+        print(f"  held-out combined reward by adapter version 0..{len(curve) - 1}: {shown}")
     print(f"  watch training with: tensorboard --logdir {run_dir / 'tb'} --host 127.0.0.1")
+    print(f"  report: medrl eval {run_dir} --real {manifest}")
     return paths
+
+
+def _reward_models(cfg: RunConfig, run_dir: Path) -> Path:
+    """Steps 5-6: the SIMULATED expert rates a phantom pool; the reward models learn from it."""
+    from rewards.ratings import ingest_ratings
+    from rewards.simulated import write_demo_pool
+    from rewards.training import train_rewards
+
+    pool = Path(cfg.rewards.images_root or Path(cfg.data.root).parent / "demo-rating-pool")
+    ratings_csv = pool / "ratings.csv"
+    if not ratings_csv.is_file():
+        log.info("step 5/8: rating pool of phantoms with SIMULATED expert ratings in %s", pool)
+        write_demo_pool(pool, size=cfg.data.demo_size, seed=cfg.run.seed)
+    db = Path(cfg.rewards.ratings_db)
+    report = ingest_ratings(ratings_csv, db)  # re-ingesting the same file adds nothing
+    log.info("step 5/8: %s", report.summary())
+    out = run_dir / "rewards"
+    if (out / "report.json").is_file():
+        log.info("step 6/8: reward models already in %s", out)
+        return out
+    log.info("step 6/8: training the reward models from %s", db)
+    train_rewards(db, pool, out, cfg.rewards, device=cfg.run.device)
+    return out
+
+
+def _rl(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """Steps 7-8: RL on a local Ray (resumes from its last checkpoint), then export."""
+    from generators.lora import export_run_adapter
+    from rl.loop import run_rl
+
+    log.info(
+        "step 7/8: %d RL iterations, %d samplers, reward = the trained reward models",
+        cfg.rl.iterations,
+        cfg.rl.num_samplers,
+    )
+    out = run_rl(cfg)
+    # eval_reward of iteration k scores adapter version k; a resumed run appends again
+    by_version = {r["iteration"]: r.get("eval_reward") for r in out["records"]}
+    curve = [by_version[k] for k in sorted(by_version) if _finite(by_version[k])]
+    export = run_dir / "export"
+    log.info("step 8/8: exporting the RL adapter to %s", export)
+    export_run_adapter(out["adapter"], export)
+    return {"adapter": out["adapter"], "export": export, "eval_curve": curve}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _real_vs_generated(real: pd.DataFrame, samples_table: Path, out: Path) -> Path:
