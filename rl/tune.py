@@ -128,14 +128,6 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def run_tune(
     cfg: Any,
     make_config: Callable[[list[str]], Any],
@@ -263,7 +255,9 @@ def run_tune(
         f"{tc.metric} {best_row[f'{tc.metric}_last']:.4g}\n"
         + "".join(f"#   {k} = {v}\n" for k, v in best_values.items())
     )
-    _atomic_text(best_yaml, header + yaml.safe_dump(_plain(best_cfg), sort_keys=False))
+    # through JSON: the config's tuples become lists, which YAML's safe dumper writes
+    plain = json.loads(json.dumps(dataclasses.asdict(best_cfg)))
+    _atomic_text(best_yaml, header + yaml.safe_dump(plain, sort_keys=False))
     log.info("tune: results in %s, best config in %s", results_csv, best_yaml)
     return {
         "results": results_csv,
