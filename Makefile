@@ -28,7 +28,8 @@ install: $(VENV)/.installed
 # The demo's models are tiny: on the 2-core CPU machine one torch thread per process
 # fine-tunes the UNet 2.2x faster than two (1.75 vs 0.8 steps/s; the VAE's larger
 # convolutions go 2.0 vs 3.1 steps/s, a smaller share of the time), and Ray's actors
-# already keep both cores busy. GPU users: make demo DEMO_THREADS=8 (or more).
+# already keep both cores busy (the fine-tune's progress bars of `make demo` and of
+# `make demo DEMO_THREADS=2` on fresh data). GPU users: make demo DEMO_THREADS=8 (or more).
 DEMO_THREADS ?= 1
 
 demo: install

@@ -61,18 +61,11 @@ def run_ray(cfg) -> tuple[list[float], float]:
 
 
 def run_local(cfg, threads: int) -> tuple[list[float], float]:
-    from rewards.service import build_reward
-    from rl.learner import Learner
-    from rl.loop import LocalBackend, resolve_inputs, run_iterations
-    from rl.samplers import Sampler
+    from rl.loop import resolve_inputs, run_local
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    inputs = resolve_inputs(cfg)
-    reward = build_reward(inputs["reward"], cfg.rewards)
-    sampler = Sampler(inputs["generator_dir"], cfg.lora, cfg.sampling, device="cpu")
-    learner = Learner(inputs["generator_dir"], cfg.lora, cfg.sampling, cfg.rl, device="cpu")
-    records = run_iterations(cfg, inputs, learner, LocalBackend(sampler, reward), use_ray=False)
+    records, _ = run_local(cfg, resolve_inputs(cfg))
     wall = time.perf_counter() - t0
     return _seconds(records), wall
 

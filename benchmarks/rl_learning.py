@@ -6,7 +6,7 @@ defaults against DDPO's published ones, measured in the same run.
 
 The generator is the RL tests' one (tests/rl/conftest.py: 32 px demo model, VAE trained
 120 steps on phantoms, UNet untrained), built once into --generator. Each run is the
-single-process loop (rl.loop.run_iterations with LocalBackend: Sampler, the spatial
+single-process loop (rl.loop.run_local: one Sampler, the spatial
 reward, Learner), 4 training prompts x 8 images per iteration, and evaluates 16 images
 of held-out prompts with fixed seeds before every iteration and after the last. The
 table in docs/rl.md ("Defaults that learn") comes from this script.
@@ -78,28 +78,24 @@ class RandomTrainingRewards:
 def run_once(gen_dir: Path, work: Path, overrides: list[str], seed: int, iterations: int,
              eval_images: int, control: bool) -> list[float]:  # fmt: skip
     from rewards.service import build_reward
-    from rl.learner import Learner
-    from rl.loop import LocalBackend, run_iterations
-    from rl.samplers import Sampler
+    from rl.loop import run_local
 
     cfg = rl_config(
         work, f"run.name=s{seed}", f"run.seed={seed}", f"rl.iterations={iterations}",
         *DEFAULT_BATCH, *overrides,
     )  # fmt: skip
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    cfg.run_dir.mkdir(parents=True)
     reward = build_reward(cfg.rl.reward, cfg.rewards)
     if control:
         reward = RandomTrainingRewards(reward, seed)
-    sampler = Sampler(str(gen_dir), cfg.lora, cfg.sampling, device="cpu")
-    learner = Learner(gen_dir, cfg.lora, cfg.sampling, cfg.rl, seed=seed)
     inputs = {
         "run_dir": str(cfg.run_dir),
+        "generator_dir": str(gen_dir),
         "train_prompts": PROMPTS,
         "eval_prompts": (EVAL_PROMPTS * eval_images)[:eval_images],
     }
     with contextlib.redirect_stdout(io.StringIO()):
-        records = run_iterations(cfg, inputs, learner, LocalBackend(sampler, reward), False)
+        records, _ = run_local(cfg, inputs, reward, learner_seed=seed)
     return [r["eval_reward"] for r in records]
 
 

@@ -198,31 +198,6 @@ def cmd_rl_train(args: argparse.Namespace) -> int:
     return 0
 
 
-#: config keys holding paths: made absolute before a sweep, since Tune trials run in
-#: processes of their own (and on a cluster, on other nodes)
-_PATH_KEYS = (
-    "run.root",
-    "data.root",
-    "data.csv",
-    "data.manifest",
-    "rl.prompts_file",
-    "rewards.ratings_db",
-    "rewards.images_root",
-)
-
-
-def _absolute_path_overrides(cfg) -> list[str]:
-    import json
-
-    out = []
-    for key in _PATH_KEYS:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value and not Path(value).is_absolute():
-            out.append(f"{key}={json.dumps(str(Path(value).resolve()))}")
-    return out
-
-
 def cmd_tune(args: argparse.Namespace) -> int:
     import functools
 
@@ -234,16 +209,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = _load(args)
     parse_space(cfg.tune.space)  # a bad search space fails before Ray starts
     inputs = resolve_inputs(cfg)  # so do a missing generator, reward or prompts
-    preset = str(Path(args.config).resolve()) if args.config else None
-    base = [*args.overrides, *_absolute_path_overrides(cfg)]
-    if cfg.tune.out and not Path(cfg.tune.out).is_absolute():
-        base.append(f"tune.out={Path(cfg.tune.out).resolve()}")
-    cfg = load_config(preset, base)
+    # trials rebuild their config from the same preset and overrides; they keep this
+    # working directory (rl.tune sets RAY_CHDIR_TO_TRIAL_DIR=0), so relative paths hold
     out = run_tune(
         cfg,
-        make_config=functools.partial(load_config, preset),
+        make_config=functools.partial(load_config, args.config),
         prepare=prepare_run_dir,
-        base_overrides=base,
+        base_overrides=args.overrides,
         fixed_inputs={"rl.generator": inputs["generator_dir"], "rl.reward": inputs["reward"]},
     )
     values = ", ".join(

@@ -195,6 +195,33 @@ class LocalBackend:
         return self.reward.score(traj.images, traj.prompts, traj.ids)
 
 
+def run_local(
+    cfg: Any,
+    inputs: dict[str, Any],
+    reward: Any = None,
+    learner_seed: int = 0,
+    device: str = "cpu",
+) -> tuple[list[dict[str, Any]], Learner]:
+    """The loop in one process, no Ray: one :class:`Sampler`, the reward, one learner.
+
+    ``inputs`` as from :func:`resolve_inputs` (``run_dir``, ``generator_dir``, the
+    prompts; ``reward`` unless a ``reward`` object is given). The single-process
+    reference of benchmarks/rl_iteration.py, and what the learning tests and
+    benchmarks/rl_learning.py run. Returns the records and the learner.
+    """
+    from rewards.service import build_reward
+    from rl.samplers import Sampler
+
+    if reward is None:
+        reward = build_reward(inputs["reward"], cfg.rewards)
+    gen_dir = inputs["generator_dir"]
+    sampler = Sampler(str(gen_dir), cfg.lora, cfg.sampling, device=device)
+    learner = Learner(gen_dir, cfg.lora, cfg.sampling, cfg.rl, device=device, seed=learner_seed)
+    Path(inputs["run_dir"]).mkdir(parents=True, exist_ok=True)
+    records = run_iterations(cfg, inputs, learner, LocalBackend(sampler, reward), use_ray=False)
+    return records, learner
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -711,7 +738,6 @@ def run_rl(cfg: Any, callbacks: Sequence[Any] | None = None) -> dict[str, Any]:
         "adapter": run_dir / RL_DIR / "adapter",
         "records": read_rl_records(run_dir),
         "result": result,
-        "error": getattr(result, "error", None),
     }
 
 

@@ -178,7 +178,6 @@ def start_samplers(
     sampling: SamplingConfig,
     num_gpus: float = 0.0,
     max_restarts: int = 3,
-    num_cpus: float = 1.0,
     max_task_retries: int | None = None,
 ) -> list[Any]:
     """Start ``count`` sampler actors (fractional GPUs where the cluster has them).
@@ -192,7 +191,7 @@ def start_samplers(
 
     gpus = num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     actor = ray.remote(Sampler).options(
-        num_cpus=num_cpus,
+        num_cpus=1,
         num_gpus=gpus,
         max_restarts=max_restarts,
         max_task_retries=max_restarts if max_task_retries is None else max_task_retries,

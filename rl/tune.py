@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,14 +119,6 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def run_tune(
     cfg: Any,
     make_config: Callable[[list[str]], Any],
@@ -155,7 +146,7 @@ def run_tune(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from rl.loop import _ray_init
+    from rl.loop import _atomic_write, _ray_init
 
     tc: TuneConfig = cfg.tune
     space = parse_space(tc.space)
@@ -234,7 +225,8 @@ def run_tune(
 
     table = pd.DataFrame(rows)
     results_csv = out / "results.csv"
-    _atomic_text(results_csv, table.to_csv(index=False))
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(results_csv, table.to_csv(index=False))
     # ranked by the last report (the final adapter's held-out reward for a trial that ran
     # to the end): iteration 0 scores the untouched base adapter, the same in every trial,
     # so a best-ever value would not tell trials apart. Trials that ran furthest come
@@ -257,7 +249,7 @@ def run_tune(
     )
     # through JSON: the config's tuples become lists, which YAML's safe dumper writes
     plain = json.loads(json.dumps(dataclasses.asdict(best_cfg)))
-    _atomic_text(best_yaml, header + yaml.safe_dump(plain, sort_keys=False))
+    _atomic_write(best_yaml, header + yaml.safe_dump(plain, sort_keys=False))
     log.info("tune: results in %s, best config in %s", results_csv, best_yaml)
     return {
         "results": results_csv,

@@ -18,25 +18,20 @@ from tests.rl.conftest import EVAL_PROMPTS, PROMPTS, rl_config
 DEFAULT_BATCH = ("rl.prompts_per_iteration=4", "rl.group_size=8", "rl.micro_batch=8")
 
 
-def _run(cfg, generator_dir: Path, eval_prompts, backend_wrapper=None, learner_seed: int = 0):
+def _run(cfg, generator_dir: Path, eval_prompts, reward_wrapper=None, learner_seed: int = 0):
     from rewards.service import build_reward
-    from rl.learner import Learner
-    from rl.loop import LocalBackend, run_iterations
-    from rl.samplers import Sampler
+    from rl.loop import run_local
 
-    sampler = Sampler(str(generator_dir), cfg.lora, cfg.sampling, device="cpu")
-    learner = Learner(generator_dir, cfg.lora, cfg.sampling, cfg.rl, seed=learner_seed)
-    backend = LocalBackend(sampler, build_reward(cfg.rl.reward, cfg.rewards))
-    if backend_wrapper is not None:
-        backend = backend_wrapper(backend)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    reward = build_reward(cfg.rl.reward, cfg.rewards)
+    if reward_wrapper is not None:
+        reward = reward_wrapper(reward)
     inputs = {
         "run_dir": str(cfg.run_dir),
+        "generator_dir": str(generator_dir),
         "train_prompts": list(PROMPTS),
         "eval_prompts": list(eval_prompts),
     }
-    records = run_iterations(cfg, inputs, learner, backend, use_ray=False)
-    return records, learner
+    return run_local(cfg, inputs, reward, learner_seed=learner_seed)
 
 
 def test_defaults_raise_held_out_spatial_reward(rl_generator_dir, tmp_path):
@@ -75,19 +70,18 @@ class _Interrupt(Exception):
 
 
 def _interrupt_at(iteration: int):
-    """A backend wrapper that fails its first draw for ``iteration`` (a crashed driver)."""
+    """A reward wrapper that fails on the first samples of ``iteration`` (its evaluation
+    images, ids ``eval<k>-...``, scored before anything of it is trained): a crashed
+    driver."""
 
     class Interrupting:
         def __init__(self, inner):
             self.inner = inner
 
-        def draw(self, requests, version, adapter):
-            if version >= iteration:
-                raise _Interrupt(f"interrupted before iteration {iteration}")
-            return self.inner.draw(requests, version, adapter)
-
-        def score(self, traj):
-            return self.inner.score(traj)
+        def score(self, images, prompts, ids):
+            if any(int(i.split("-")[0][-5:]) >= iteration for i in ids):
+                raise _Interrupt(f"interrupted in iteration {iteration}")
+            return self.inner.score(images, prompts, ids)
 
     return Interrupting
 
@@ -106,7 +100,7 @@ def test_resumed_run_matches_uninterrupted(rl_generator_dir, tmp_path):
 
     cfg = rl_config(tmp_path / "resumed", *common)
     with pytest.raises(_Interrupt):  # dies after committing the checkpoint of iteration 0
-        _run(cfg, rl_generator_dir, eval_prompts, backend_wrapper=_interrupt_at(1))
+        _run(cfg, rl_generator_dir, eval_prompts, reward_wrapper=_interrupt_at(1))
     assert _checkpoint_listing(cfg) == ["latest", "step-000001"]
     torch.manual_seed(12345)  # whatever the process did since: the checkpoint has the RNG
     # a fresh learner (another initial adapter) and sampler resume from the checkpoint

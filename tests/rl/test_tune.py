@@ -147,7 +147,10 @@ def test_medrl_tune_refuses_a_bad_search_space_before_ray_starts(tmp_path, capsy
         f"run.root={tmp_path}",
         'tune.space=["rl.lr=loguniform(0, 1)"]',
     ]
+    ray = pytest.importorskip("ray")
+    was_running = ray.is_initialized()
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "tune.space[0]" in err and "loguniform needs low > 0" in err
     assert not (tmp_path / "demo").exists()
+    assert ray.is_initialized() == was_running  # refused before Ray was started
