@@ -5,7 +5,11 @@
 Scores, with the run's reward models (``runs/demo/rewards``) and its ``rewards.*``
 weights and threshold, three sets: the generator's samples (``runs/demo/samples``, the
 held-out prompts of ``make demo``), the real phantoms of the manifest with their own
-prompts, and the rating pool grouped by its simulated rating. The numbers of
+prompts, and the rating pool grouped by its simulated rating. Then the generator's
+ceiling: what the SIMULATED expert measures (rewards.simulated: sharpness decides the
+blur level, the worst defect decides the rating) and rates from the pixels, for held-out
+real phantoms, the same phantoms passed through the run's VAE (encode, decode: the
+sharpest image the decoder gives for them) and the generated samples. The numbers of
 docs/rl.md, "The demo", come from this script after ``make demo``.
 """
 
@@ -21,6 +25,11 @@ import torch
 from generators.images import load_image, to_tensor
 from medrl.config import load_config
 from rewards.service import RewardModelScorer
+from rewards.simulated import (
+    MEASURE_LEVELS,
+    SimulatedExpert,
+    measure_at_analysis_size,
+)
 
 
 def _score(scorer: RewardModelScorer, root: Path, paths: list[str], prompts: list[str]):
@@ -38,6 +47,44 @@ def _line(name: str, quality: np.ndarray, alignment: np.ndarray, passed: np.ndar
         f"[{quality.min():.3f}, {quality.max():.3f}]  alignment mean {alignment.mean():.3f} "
         f"sd {alignment.std():.3f}  pass rate {passed.mean():.2f}"
     )
+
+
+def _expert_line(name: str, expert: SimulatedExpert, images: list[np.ndarray], prompts) -> str:
+    sharp = np.array([measure_at_analysis_size(im)["sharpness"] for im in images])
+    rated = np.array([expert.rate(p, image=im)[0] for im, p in zip(images, prompts, strict=True)])
+    return (
+        f"{name:28s} n={len(images):4d}  sharpness median {np.median(sharp):.4f} "
+        f"[{sharp.min():.4f}, {sharp.max():.4f}]  SIMULATED rating from pixels: "
+        + "  ".join(
+            f"{lab} {np.mean(rated == r):.2f}" for r, lab in ((1, "poor"), (2, "fair"), (3, "good"))
+        )
+    )
+
+
+def _ceiling(run: Path, real: pd.DataFrame, root: Path, samples: pd.DataFrame) -> None:
+    from generators.images import to_uint8
+    from generators.model import load_generator
+
+    gen = load_generator(run / "generator")
+    expert = SimulatedExpert()
+    images = [load_image(root / p) for p in real.path]
+    x = torch.stack([to_tensor(im) for im in images])
+    recon = torch.cat(
+        [
+            gen.vae.decode(gen.vae.encode(c).latent_dist.mode()).sample.clamp(-1, 1)
+            for c in x.split(16)
+        ]
+    )
+    blur1, blur2 = MEASURE_LEVELS["sharpness"]
+    print(
+        f"\nthe SIMULATED expert's blur levels: sharpness <= {blur1} is level 1, <= {blur2} "
+        "level 2 (poor)"
+    )
+    prompts = list(real.Text)
+    print(_expert_line("real phantoms", expert, images, prompts))
+    print(_expert_line("VAE reconstructions of them", expert, list(to_uint8(recon)), prompts))
+    gen_images = [load_image(run / "samples" / p) for p in samples.path]
+    print(_expert_line("generated samples", expert, gen_images, list(samples.prompt)))
 
 
 def main() -> None:
@@ -67,6 +114,10 @@ def main() -> None:
         part = pool[pool.rating == rating]
         scored = _score(scorer, args.pool, list(part.image_path), list(part.prompt))
         print(_line(f"pool rated {rating} ({label}, SIMULATED)", *scored))
+
+    val = pd.read_parquet(args.manifest)
+    val = val[val.split == "val"].head(args.real)
+    _ceiling(args.run, val, root, samples)
 
 
 if __name__ == "__main__":

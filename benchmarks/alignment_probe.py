@@ -1,0 +1,142 @@
+"""Why the demo's alignment policy does not learn: supervised probes of its architecture.
+
+    OMP_NUM_THREADS=1 python benchmarks/alignment_probe.py data/demo-rating-pool   # ~2 min
+
+Builds the alignment policy of ``rewards.*`` (``--config``, default configs/demo.yaml:
+the demo ViT and tiny BERT from scratch) and trains it on the demo rating pool with plain
+supervised losses, no REINFORCE, holding out every fifth image (all its pairs):
+
+1. ``fused``: the whole policy (ViT + BERT -> concat -> fusion MLP) with a logistic head,
+   binary cross-entropy against prompt_faithfulness / 10. Can the architecture fit the
+   alignment ratings at all, given the easiest objective?
+2. ``laterality``: the ViT alone with a linear head, against the eye of each pool image's
+   phantom record (the left/right the expert compares with the prompt). Can the image
+   side see the feature at all?
+3. ``fused after laterality``: probe 1 starting from the ViT of probe 2. Given an image
+   feature that is known to be there, does the fusion learn the interaction?
+
+Prints held-out and training Spearman (probes 1, 3) or accuracy (probe 2) every 5 epochs.
+The numbers in docs/rewards.md ("The alignment policy does not learn") come from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from generators.images import load_image, to_tensor  # noqa: E402
+from medrl.config import load_config  # noqa: E402
+from rewards.models import _pool, build_alignment, prepare_images  # noqa: E402
+
+
+def _fused_probe(model, head, x, prompts, y, train, test, epochs: int, lr: float, tag: str):
+    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=lr)
+
+    def logits(idx: list[int]) -> torch.Tensor:
+        tok = model.tokenize([prompts[i] for i in idx])
+        fused = model.fused_features(x[idx], tok["input_ids"], tok["attention_mask"])
+        return head(F.gelu(model.fusion(fused))).squeeze(-1)
+
+    order = torch.Generator().manual_seed(0)
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.tensor(train)[torch.randperm(len(train), generator=order)]
+        for batch in perm.split(32):
+            loss = F.binary_cross_entropy_with_logits(logits(batch.tolist()), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if epoch % 5 == 4:
+            model.eval()
+            with torch.no_grad():
+                fit = spearmanr(logits(train), y[train])[0]
+                held = spearmanr(logits(test), y[test])[0]
+            print(f"{tag:24s} epoch {epoch + 1:3d}  Spearman train {fit:.3f}  held-out {held:.3f}")
+
+
+def _laterality_probe(model, x, left, train, test, epochs: int, lr: float) -> None:
+    head = torch.nn.Linear(model.vit.config.hidden_size, 1)
+    params = [*model.vit.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr)
+
+    def logits(idx: torch.Tensor) -> torch.Tensor:
+        hidden = model.vit(pixel_values=model.stem(x[idx])).last_hidden_state
+        return head(_pool(hidden, model.pooling)).squeeze(-1)
+
+    order = torch.Generator().manual_seed(0)
+    for epoch in range(epochs):
+        model.train()
+        for batch in train[torch.randperm(len(train), generator=order)].split(32):
+            loss = F.binary_cross_entropy_with_logits(logits(batch), left[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if epoch % 5 == 4:
+            model.eval()
+            with torch.no_grad():
+                fit = ((logits(train) > 0).float() == left[train]).float().mean()
+                held = ((logits(test) > 0).float() == left[test]).float().mean()
+            print(f"{'laterality (ViT only)':24s} epoch {epoch + 1:3d}  accuracy train {fit:.3f}  "
+                  f"held-out {held:.3f}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("pool", type=Path, help="the demo rating pool (data/demo-rating-pool)")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs of the fused probes")
+    parser.add_argument(
+        "--laterality-epochs", type=int, default=40, help="epochs of the laterality probe"
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides (rewards.*)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    cfg = load_config(args.config, args.overrides).rewards
+
+    rows = pd.read_csv(args.pool / "ratings.csv")
+    if rows.prompt_faithfulness.isna().any():
+        raise ValueError(f"{args.pool / 'ratings.csv'}: rows without prompt_faithfulness")
+    records = {}
+    for line in (args.pool / "pool.jsonl").read_text().splitlines():
+        item = json.loads(line)
+        records[item["path"]] = item["record"]
+    images = sorted(rows.image_path.unique())
+    held_out = set(images[::5])
+    size = build_alignment(cfg).image_size
+
+    paths, prompts = rows.image_path.tolist(), rows.prompt.tolist()
+    x = prepare_images(torch.stack([to_tensor(load_image(args.pool / p)) for p in paths]), size)
+    y = torch.tensor(rows.prompt_faithfulness.to_numpy() / 10.0, dtype=torch.float32)
+    train = [i for i, p in enumerate(paths) if p not in held_out]
+    test = [i for i, p in enumerate(paths) if p in held_out]
+    print(f"{len(rows)} rated pairs of {len(images)} images; {len(test)} held-out pairs")
+
+    model = build_alignment(cfg)
+    head = torch.nn.Linear(model.fusion_hidden[-1], 1)
+    _fused_probe(model, head, x, prompts, y, train, test, args.epochs, args.lr, "fused")
+
+    ximg = prepare_images(torch.stack([to_tensor(load_image(args.pool / p)) for p in images]), size)
+    left = torch.tensor([records[p]["laterality"] == "left" for p in images], dtype=torch.float32)
+    itrain = torch.tensor([i for i, p in enumerate(images) if p not in held_out])
+    itest = torch.tensor([i for i, p in enumerate(images) if p in held_out])
+    model = build_alignment(cfg)
+    _laterality_probe(model, ximg, left, itrain, itest, args.laterality_epochs, args.lr)
+    head = torch.nn.Linear(model.fusion_hidden[-1], 1)
+    _fused_probe(
+        model, head, x, prompts, y, train, test, args.epochs, args.lr, "fused after laterality"
+    )
+
+
+if __name__ == "__main__":
+    main()
