@@ -39,55 +39,54 @@ from medrl.config import load_config  # noqa: E402
 from rewards.models import _pool, build_alignment, prepare_images  # noqa: E402
 
 
-def _fused_probe(model, head, x, prompts, y, train, test, epochs: int, lr: float, tag: str):
-    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=lr)
-
-    def logits(idx: list[int]) -> torch.Tensor:
-        tok = model.tokenize([prompts[i] for i in idx])
-        fused = model.fused_features(x[idx], tok["input_ids"], tok["attention_mask"])
-        return head(F.gelu(model.fusion(fused))).squeeze(-1)
-
+def _fit(model, params, logits, target, train, test, epochs, lr, metric, tag: str) -> None:
+    """AdamW on binary cross-entropy over batches of 32; ``metric`` every 5 epochs."""
+    opt = torch.optim.AdamW(params, lr=lr)
     order = torch.Generator().manual_seed(0)
     for epoch in range(epochs):
         model.train()
-        perm = torch.tensor(train)[torch.randperm(len(train), generator=order)]
-        for batch in perm.split(32):
-            loss = F.binary_cross_entropy_with_logits(logits(batch.tolist()), y[batch])
+        for batch in train[torch.randperm(len(train), generator=order)].split(32):
+            loss = F.binary_cross_entropy_with_logits(logits(batch), target[batch])
             opt.zero_grad()
             loss.backward()
             opt.step()
         if epoch % 5 == 4:
             model.eval()
             with torch.no_grad():
-                fit = spearmanr(logits(train), y[train])[0]
-                held = spearmanr(logits(test), y[test])[0]
-            print(f"{tag:24s} epoch {epoch + 1:3d}  Spearman train {fit:.3f}  held-out {held:.3f}")
+                fit, held = metric(logits(train), target[train]), metric(logits(test), target[test])
+            print(f"{tag:24s} epoch {epoch + 1:3d}  {metric.__name__} train {fit:.3f}  "
+                  f"held-out {held:.3f}")  # fmt: skip
+
+
+def Spearman(score: torch.Tensor, target: torch.Tensor) -> float:  # noqa: N802 - printed name
+    return float(spearmanr(score, target)[0])
+
+
+def accuracy(score: torch.Tensor, target: torch.Tensor) -> float:
+    return float(((score > 0).float() == target).float().mean())
+
+
+def _fused_probe(model, x, prompts, y, train, test, epochs: int, lr: float, tag: str) -> None:
+    head = torch.nn.Linear(model.fusion_hidden[-1], 1)
+
+    def logits(idx: torch.Tensor) -> torch.Tensor:
+        tok = model.tokenize([prompts[i] for i in idx.tolist()])
+        fused = model.fused_features(x[idx], tok["input_ids"], tok["attention_mask"])
+        return head(F.gelu(model.fusion(fused))).squeeze(-1)
+
+    params = [*model.parameters(), *head.parameters()]
+    _fit(model, params, logits, y, train, test, epochs, lr, Spearman, tag)
 
 
 def _laterality_probe(model, x, left, train, test, epochs: int, lr: float) -> None:
     head = torch.nn.Linear(model.vit.config.hidden_size, 1)
-    params = [*model.vit.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr)
 
     def logits(idx: torch.Tensor) -> torch.Tensor:
         hidden = model.vit(pixel_values=model.stem(x[idx])).last_hidden_state
         return head(_pool(hidden, model.pooling)).squeeze(-1)
 
-    order = torch.Generator().manual_seed(0)
-    for epoch in range(epochs):
-        model.train()
-        for batch in train[torch.randperm(len(train), generator=order)].split(32):
-            loss = F.binary_cross_entropy_with_logits(logits(batch), left[batch])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        if epoch % 5 == 4:
-            model.eval()
-            with torch.no_grad():
-                fit = ((logits(train) > 0).float() == left[train]).float().mean()
-                held = ((logits(test) > 0).float() == left[test]).float().mean()
-            print(f"{'laterality (ViT only)':24s} epoch {epoch + 1:3d}  accuracy train {fit:.3f}  "
-                  f"held-out {held:.3f}")  # fmt: skip
+    params = [*model.vit.parameters(), *head.parameters()]
+    _fit(model, params, logits, left, train, test, epochs, lr, accuracy, "laterality (ViT only)")
 
 
 def main() -> None:
@@ -118,13 +117,12 @@ def main() -> None:
     paths, prompts = rows.image_path.tolist(), rows.prompt.tolist()
     x = prepare_images(torch.stack([to_tensor(load_image(args.pool / p)) for p in paths]), size)
     y = torch.tensor(rows.prompt_faithfulness.to_numpy() / 10.0, dtype=torch.float32)
-    train = [i for i, p in enumerate(paths) if p not in held_out]
-    test = [i for i, p in enumerate(paths) if p in held_out]
+    train = torch.tensor([i for i, p in enumerate(paths) if p not in held_out])
+    test = torch.tensor([i for i, p in enumerate(paths) if p in held_out])
     print(f"{len(rows)} rated pairs of {len(images)} images; {len(test)} held-out pairs")
 
     model = build_alignment(cfg)
-    head = torch.nn.Linear(model.fusion_hidden[-1], 1)
-    _fused_probe(model, head, x, prompts, y, train, test, args.epochs, args.lr, "fused")
+    _fused_probe(model, x, prompts, y, train, test, args.epochs, args.lr, "fused")
 
     ximg = prepare_images(torch.stack([to_tensor(load_image(args.pool / p)) for p in images]), size)
     left = torch.tensor([records[p]["laterality"] == "left" for p in images], dtype=torch.float32)
@@ -132,10 +130,7 @@ def main() -> None:
     itest = torch.tensor([i for i, p in enumerate(images) if p in held_out])
     model = build_alignment(cfg)
     _laterality_probe(model, ximg, left, itrain, itest, args.laterality_epochs, args.lr)
-    head = torch.nn.Linear(model.fusion_hidden[-1], 1)
-    _fused_probe(
-        model, head, x, prompts, y, train, test, args.epochs, args.lr, "fused after laterality"
-    )
+    _fused_probe(model, x, prompts, y, train, test, args.epochs, args.lr, "fused after laterality")
 
 
 if __name__ == "__main__":
