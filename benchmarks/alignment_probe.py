@@ -14,8 +14,12 @@ supervised losses, no REINFORCE, holding out every fifth image (all its pairs):
    side see the feature at all?
 3. ``fused after laterality``: probe 1 starting from the ViT of probe 2. Given an image
    feature that is known to be there, does the fusion learn the interaction?
+4. ``laterality (text only)``: the text encoder alone (its masked mean, as the policy
+   pools it) with a linear head, against whether the prompt says "left eye". Can the
+   text side read the feature?
 
-Prints held-out and training Spearman (probes 1, 3) or accuracy (probe 2) every 5 epochs.
+Prints held-out and training Spearman (probes 1, 3) or accuracy (probes 2, 4) every 5
+epochs.
 The numbers in docs/rewards.md ("The alignment policy does not learn") come from it.
 """
 
@@ -89,6 +93,19 @@ def _laterality_probe(model, x, left, train, test, epochs: int, lr: float) -> No
     _fit(model, params, logits, left, train, test, epochs, lr, accuracy, "laterality (ViT only)")
 
 
+def _text_probe(model, prompts, train, test, epochs: int, lr: float) -> None:
+    head = torch.nn.Linear(model.text_encoder.config.hidden_size, 1)
+    says_left = torch.tensor([" left eye" in p.lower() for p in prompts], dtype=torch.float32)
+
+    def logits(idx: torch.Tensor) -> torch.Tensor:
+        tok = model.tokenize([prompts[i] for i in idx.tolist()])
+        return head(model.text_features(tok["input_ids"], tok["attention_mask"])).squeeze(-1)
+
+    params = [*model.text_encoder.parameters(), *head.parameters()]
+    _fit(model, params, logits, says_left, train, test, epochs, lr, accuracy,
+         "laterality (text only)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pool", type=Path, help="the demo rating pool (data/demo-rating-pool)")
@@ -98,6 +115,7 @@ def main() -> None:
     parser.add_argument(
         "--laterality-epochs", type=int, default=40, help="epochs of the laterality probe"
     )
+    parser.add_argument("--text-epochs", type=int, default=10, help="epochs of the text probe")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides (rewards.*)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -131,6 +149,7 @@ def main() -> None:
     model = build_alignment(cfg)
     _laterality_probe(model, ximg, left, itrain, itest, args.laterality_epochs, args.lr)
     _fused_probe(model, x, prompts, y, train, test, args.epochs, args.lr, "fused after laterality")
+    _text_probe(build_alignment(cfg), prompts, train, test, args.text_epochs, args.lr)
 
 
 if __name__ == "__main__":

@@ -62,19 +62,14 @@ def _expert_line(name: str, expert: SimulatedExpert, images: list[np.ndarray], p
 
 
 def _ceiling(run: Path, real: pd.DataFrame, root: Path, samples: pd.DataFrame) -> None:
+    from generators.finetune import vae_reconstruct
     from generators.images import to_uint8
     from generators.model import load_generator
 
     gen = load_generator(run / "generator")
     expert = SimulatedExpert()
     images = [load_image(root / p) for p in real.path]
-    x = torch.stack([to_tensor(im) for im in images])
-    recon = torch.cat(
-        [
-            gen.vae.decode(gen.vae.encode(c).latent_dist.mode()).sample.clamp(-1, 1)
-            for c in x.split(16)
-        ]
-    )
+    recon = vae_reconstruct(gen, torch.stack([to_tensor(im) for im in images]))
     blur1, blur2 = MEASURE_LEVELS["sharpness"]
     print(
         f"\nthe SIMULATED expert's blur levels: sharpness <= {blur1} is level 1, <= {blur2} "

@@ -227,13 +227,22 @@ def train_vae(
     return factor
 
 
+@torch.no_grad()
+def vae_reconstruct(gen: Generator, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] encoded (mode latent) and decoded by the VAE, on cpu:
+    the closest the generator's decoder comes to them."""
+    parts = [
+        gen.vae.decode(gen.vae.encode(x.to(gen.device)).latent_dist.mode()).sample.clamp(-1, 1)
+        for x in images.split(batch_size)
+    ]
+    return torch.cat(parts).float().cpu()
+
+
 def reconstruction_psnr(gen: Generator, images: torch.Tensor) -> float:
     """Mean PSNR (dB, images in [-1, 1] mapped to [0, 1]) of VAE reconstructions (mode latent)."""
-    with torch.no_grad():
-        x = images.to(gen.device)
-        recon = gen.vae.decode(gen.vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-        mse = ((recon - x) / 2).pow(2).flatten(1).mean(1).clamp(min=1e-10)
-        return float((10 * torch.log10(1.0 / mse)).mean())
+    x = images.float().cpu()
+    mse = ((vae_reconstruct(gen, x) - x) / 2).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+    return float((10 * torch.log10(1.0 / mse)).mean())
 
 
 # --------------------------------------------------------------------------- stage 2: UNet

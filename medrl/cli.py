@@ -175,26 +175,22 @@ def cmd_rewards_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_rl_train(args: argparse.Namespace) -> int:
-    import math
-
     from medrl.runs import prepare_run_dir
-    from rl.loop import resolve_inputs, run_rl
+    from rl.loop import eval_curve, resolve_inputs, run_rl
 
     cfg = _load(args)
     resolve_inputs(cfg)  # a missing generator, reward or prompts fails before Ray starts
     run_dir = prepare_run_dir(cfg)
     out = run_rl(cfg)
-    records = out["records"]
-    final = next((r for r in reversed(records) if r.get("stage_n") == 0), None)
-    reward = final.get("eval_reward") if final else None
+    curve = eval_curve(out["records"])
     print(f"RL adapter: {out['adapter']}")
     print(f"metrics: {run_dir / 'metrics.jsonl'}")
     print(f"TensorBoard: tensorboard --logdir {run_dir / 'tb'} --host 127.0.0.1")
     print(f"checkpoints: {run_dir / 'rl' / 'checkpoints'}")
-    if reward is None or (isinstance(reward, float) and math.isnan(reward)):
-        print("final held-out reward: n/a (rl.eval_prompts=0)")
+    if curve:
+        print(f"final held-out reward: {curve[-1]:.4f}")
     else:
-        print(f"final held-out reward: {reward:.4f}")
+        print("final held-out reward: n/a (rl.eval_prompts=0)")
     return 0
 
 

@@ -19,7 +19,6 @@ It opens nothing; it prints where the results are.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -147,7 +146,7 @@ def _reward_models(cfg: RunConfig, run_dir: Path) -> Path:
 def _rl(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Steps 7-8: RL on a local Ray (resumes from its last checkpoint), then export."""
     from generators.lora import export_run_adapter
-    from rl.loop import run_rl
+    from rl.loop import eval_curve, run_rl
 
     log.info(
         "step 7/8: %d RL iterations, %d samplers, reward = the trained reward models",
@@ -155,17 +154,10 @@ def _rl(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         cfg.rl.num_samplers,
     )
     out = run_rl(cfg)
-    # eval_reward of iteration k scores adapter version k; a resumed run appends again
-    by_version = {r["iteration"]: r.get("eval_reward") for r in out["records"]}
-    curve = [by_version[k] for k in sorted(by_version) if _finite(by_version[k])]
     export = run_dir / "export"
     log.info("step 8/8: exporting the RL adapter to %s", export)
     export_run_adapter(out["adapter"], export)
-    return {"adapter": out["adapter"], "export": export, "eval_curve": curve}
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    return {"adapter": out["adapter"], "export": export, "eval_curve": eval_curve(out["records"])}
 
 
 def _real_vs_generated(real: pd.DataFrame, samples_table: Path, out: Path) -> Path:

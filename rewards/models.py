@@ -333,12 +333,15 @@ class AlignmentPolicy(nn.Module):
         image = _pool(
             self.vit(pixel_values=self.stem(pixel_values)).last_hidden_state, self.pooling
         )
+        return torch.cat([image, self.text_features(input_ids, attention_mask)], dim=-1)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Masked mean of the text encoder's final token states: (B, text hidden)."""
         tokens = self.text_encoder(
             input_ids=input_ids, attention_mask=attention_mask
         ).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
-        text = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return torch.cat([image, text], dim=-1)
+        return (tokens * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor

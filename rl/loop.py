@@ -741,6 +741,19 @@ def run_rl(cfg: Any, callbacks: Sequence[Any] | None = None) -> dict[str, Any]:
     }
 
 
+def eval_curve(records: Sequence[dict[str, Any]]) -> list[float]:
+    """Held-out reward by adapter version (``eval_reward`` of iteration k scores version
+    k; the final record, iteration ``rl.iterations``, the exported adapter). A resumed
+    run's records repeat iterations: the latest wins. Empty with ``rl.eval_prompts=0``."""
+    by_version = {r["iteration"]: r.get("eval_reward") for r in records}
+    return [by_version[k] for k in sorted(by_version) if finite(by_version[k])]
+
+
+def finite(value: Any) -> bool:
+    """A real number, not NaN or infinite (metrics read back from JSON)."""
+    return _num(value) and math.isfinite(value)
+
+
 def read_rl_records(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():

@@ -21,7 +21,6 @@ import ast
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -115,10 +114,6 @@ def _trial(
     run_rl(cfg, callbacks=[TuneReportCallback()])
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
 def run_tune(
     cfg: Any,
     make_config: Callable[[list[str]], Any],
@@ -146,7 +141,7 @@ def run_tune(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from rl.loop import _atomic_write, _ray_init
+    from rl.loop import _atomic_write, _ray_init, finite
 
     tc: TuneConfig = cfg.tune
     space = parse_space(tc.space)
@@ -232,7 +227,7 @@ def run_tune(
     # so a best-ever value would not tell trials apart. Trials that ran furthest come
     # first: one that ASHA stopped early lost to another at that point, and its last value
     # is from fewer iterations than the others'.
-    scored = [r for r in rows if _finite(r[f"{tc.metric}_last"])]
+    scored = [r for r in rows if finite(r[f"{tc.metric}_last"])]
     if not scored:
         raise RuntimeError(f"tune: no trial reported {tc.metric}; see {results_csv}")
     furthest = max(int(r["last_iteration"] or 0) for r in scored)

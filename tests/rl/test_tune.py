@@ -77,7 +77,7 @@ def test_medrl_tune_runs_trials_on_ray_and_writes_results_and_the_best_preset(
 
     from medrl.cli import main
     from medrl.config import load_config
-    from rl.loop import read_rl_records
+    from rl.loop import eval_curve, read_rl_records
     from tests.rl.conftest import PROMPTS, RL_OVERRIDES
 
     # the dashboard serves the State API, through which Ray Train's placement group
@@ -122,6 +122,11 @@ def test_medrl_tune_runs_trials_on_ray_and_writes_results_and_the_best_preset(
         records = read_rl_records(run)
         assert records and records[0]["iteration"] == 0
         assert (run / "config.yaml").is_file()
+        # its row reports what the run itself measured last
+        trial_id = run.name.removeprefix("sw-")
+        (row,) = [r for r in rows if trial_id in r["trial"]]
+        curve = eval_curve(records)  # by adapter version = iteration
+        assert float(row["eval_reward_last"]) == pytest.approx(curve[int(row["last_iteration"])])
 
     # the best: of the trials that ran furthest, the one with the highest last reward
     furthest = max(int(r["last_iteration"]) for r in rows)
