@@ -718,12 +718,26 @@ def evaluate(
         pairs,
         curves,
         None if samples.metrics_jsonl is None else str(samples.metrics_jsonl),
+        _version_grids(samples.metrics_jsonl),
     )
     out_dir = Path(out) if out is not None else samples.run_dir
     metrics_file, report = out_dir / METRICS_FILE, out_dir / REPORT_FILE
     _write_atomic(metrics_file, json.dumps(clean, indent=2, allow_nan=False) + "\n")
     _write_atomic(report, page)
     return EvalResult(clean, metrics_file, report, summary_lines(clean))
+
+
+def _version_grids(metrics_jsonl: Path | None) -> list[tuple[int, np.ndarray]]:
+    """The RL loop's evaluation grids (``rl/eval/version-NNNN.png`` beside metrics.jsonl)."""
+    if metrics_jsonl is None:
+        return []
+    out = []
+    for path in sorted((metrics_jsonl.parent / "rl" / "eval").glob("version-*.png")):
+        try:
+            out.append((int(path.stem.split("-")[1]), load_image(path)))
+        except (ValueError, IndexError, OSError) as exc:
+            log.warning("%s: skipped (%s)", path, exc)
+    return out
 
 
 def _device(device: str) -> torch.device:

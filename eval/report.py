@@ -226,10 +226,13 @@ def svg_line_chart(
     color: str = "#2f6fdf",
     width: int = 372,
     height: int = 220,
+    y_range: tuple[float, float] | None = None,
 ) -> str:
     """A small line chart as an inline ``<svg>`` (optional shaded band, e.g. mean ± std).
 
-    Non-finite points are dropped; a single point is drawn as a dot.
+    Non-finite points are dropped; a single point is drawn as a dot. ``y_range``: the y
+    axis spans at least this range (a scale's meaningful range, so that a wobble inside
+    the noise does not fill the chart).
     """
     pts = [(float(a), float(b)) for a, b in zip(x, y, strict=True)]
     keep = [i for i, (a, b) in enumerate(pts) if math.isfinite(a) and math.isfinite(b)]
@@ -254,7 +257,7 @@ def svg_line_chart(
         return "".join(out)
     xs = [p[0] for p in pts]
     ys = [p[1] for p in pts]
-    all_y = ys + (lows or []) + (highs or [])
+    all_y = ys + (lows or []) + (highs or []) + list(y_range or ())
     y0, y1, yticks = _axis(min(all_y), max(all_y))
     x0, x1, xticks = _axis(
         min(xs), max(xs), 6, tight=True, integer=all(float(v).is_integer() for v in xs)
@@ -309,6 +312,15 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+#: Record keys that count or label rather than measure: never charted.
+COUNTER_KEYS = frozenset({"stage_n", "samples", "trained_samples", "updates", "epoch"})
+
+
+def _charted(key: str) -> bool:
+    """Metric keys get charts; counters and standard errors (drawn as bands) do not."""
+    return key not in COUNTER_KEYS and not key.endswith("_se")
+
+
 def curve_series(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Group ``metrics.jsonl`` records into plottable series, reward curves first.
 
@@ -332,7 +344,12 @@ def curve_series(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         keys: list[str] = []
         for r in recs:
             for k, v in r.items():
-                if k not in ("stage", "iteration", "step") and _is_number(v) and k not in keys:
+                if (
+                    k not in ("stage", "iteration", "step")
+                    and _is_number(v)
+                    and _charted(k)
+                    and k not in keys
+                ):
                     keys.append(k)
         per_key: dict[str, dict[float, float]] = {k: {} for k in keys}
         for pos, r in enumerate(recs):
@@ -517,6 +534,57 @@ def _grids_section(grids: Sequence[PromptGrid], n_prompts: int) -> str:
             f'<div class="pair">{real}{gen}</div></div>'
         )
     return "".join(out)
+
+
+def _proxy_gold_section(
+    records: Sequence[Mapping[str, Any]], version_grids: Sequence[tuple[int, np.ndarray]]
+) -> str:
+    """Proxy against gold per adapter version, the verdict in words, a grid per version."""
+    from eval.overoptimisation import GOLD_RANGES, proxy_gold_verdict, version_table
+
+    rows = version_table([r for r in records if r.get("stage") == "rl"])
+    if not rows and not version_grids:
+        return ""
+    parts = ['<h2 id="proxy-gold">RL: proxy reward against gold, per adapter version</h2>']
+    if rows:
+        verdict = proxy_gold_verdict(rows)
+        cls = "banner" if verdict["verdict"] == "hacking" else "note"
+        parts.append(f'<p class="{cls}">{_esc(verdict["text"])}</p>')
+        parts.append(
+            '<p class="muted">The same held-out prompts and seeds for every version. Bands: '
+            "± 2 standard errors over the evaluation images (differences inside them are "
+            "noise). Gold is drawn on its whole scale.</p>"
+        )
+        xs = [float(r["iteration"]) for r in rows]
+        charts = []
+        for key, title, color in (
+            ("eval_reward", "proxy: eval_reward (reward models)", "#d0452f"),
+            ("gold_combined", "gold: quality + faithfulness (2-6)", "#1f8a4c"),
+            ("gold_quality", "gold quality (1-3)", "#1f8a4c"),
+            ("gold_faithfulness", "gold faithfulness (1-3)", "#1f8a4c"),
+            ("gold_eye_match", "gold: share with the prompt's eye", "#1f8a4c"),
+            ("fd_real", "Fréchet distance to real (fallback features)", "#2f6fdf"),
+        ):
+            if not all(_is_number(r.get(key)) for r in rows):
+                continue
+            ys = [float(r[key]) for r in rows]
+            band = None
+            if all(_is_number(r.get(f"{key}_se")) for r in rows):
+                se = [2 * float(r[f"{key}_se"]) for r in rows]
+                band = ([y - e for y, e in zip(ys, se, strict=True)],
+                        [y + e for y, e in zip(ys, se, strict=True)])  # fmt: skip
+            chart = svg_line_chart(
+                xs, ys, title, "adapter version", band, color, y_range=GOLD_RANGES.get(key)
+            )
+            charts.append(f'<div class="chart">{chart}</div>')
+        parts.append(f'<div class="charts">{"".join(charts)}</div>')
+    for version, grid in version_grids:
+        parts.append(
+            f'<h3>adapter version {version}: the evaluation images</h3><div class="grid">'
+            f'<img src="{png_data_uri(grid)}" alt="evaluation images of adapter version '
+            f'{version}" style="max-width:100%"></div>'
+        )
+    return "".join(parts)
 
 
 def _curves_section(records: Sequence[Mapping[str, Any]], source: str | None) -> str:
@@ -774,6 +842,7 @@ def render_report(
     copy_pairs: Sequence[CopyPair] = (),
     curves: Sequence[Mapping[str, Any]] = (),
     curves_source: str | None = None,
+    version_grids: Sequence[tuple[int, np.ndarray]] = (),
 ) -> str:
     """The self-contained HTML report of one evaluation.
 
@@ -783,6 +852,7 @@ def render_report(
         copy_pairs: flagged near copies with their nearest training image.
         curves: the run's ``metrics.jsonl`` records (any stages; ``rl`` plotted first).
         curves_source: where the records came from (shown under the heading).
+        version_grids: (adapter version, grid image) of the RL evaluation images.
     """
     feats = metrics.get("features", {})
     counts = metrics.get("counts", {})
@@ -818,6 +888,7 @@ def render_report(
         _cards(metrics),
         notes,
         _grids_section(grids, int(counts.get("prompts") or 0)),
+        _proxy_gold_section(curves, version_grids),
         _curves_section(curves, curves_source),
         _distribution_section(metrics),
         _prompt_section(metrics),

@@ -100,7 +100,11 @@ def set_adapter_state(
 
 
 def _spec_of(unet: torch.nn.Module, adapter_name: str) -> dict:
-    cfg = unet.peft_config[adapter_name]
+    return spec_from_peft_config(unet.peft_config[adapter_name])
+
+
+def spec_from_peft_config(cfg: PeftLoraConfig) -> dict:
+    """rank, alpha, dropout, target modules of a peft LoRA config (adapter_config.json)."""
     return {
         "rank": int(cfg.r),
         "alpha": float(cfg.lora_alpha),
@@ -133,18 +137,38 @@ def save_adapter(
     Returns:
         The written weight files.
     """
+    return save_adapter_state(
+        get_adapter_state(unet, adapter_name),
+        unet.peft_config[adapter_name],
+        out_dir,
+        formats,
+        extra,
+    )
+
+
+def save_adapter_state(
+    peft_state: Mapping[str, torch.Tensor],
+    peft_config: PeftLoraConfig,
+    out_dir: str | os.PathLike,
+    formats: Sequence[str] = ("diffusers", "kohya"),
+    extra: Mapping | None = None,
+) -> list[Path]:
+    """Write LoRA weights (peft keys) with their peft config as an adapter directory.
+
+    The directory is written beside ``out_dir`` and swapped in: an existing ``out_dir`` is
+    moved aside first and deleted only once the new one is in place.
+    """
     bad = sorted(set(formats) - {"diffusers", "kohya"})
     if bad:
         raise ValueError(f"unknown LoRA export format(s) {bad}; allowed: diffusers, kohya")
     out_dir = Path(out_dir)
-    spec = _spec_of(unet, adapter_name)
-    peft_state = get_adapter_state(unet, adapter_name)
+    spec = spec_from_peft_config(peft_config)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     written = []
     try:
         if "diffusers" in formats:
-            metadata = dict(unet.peft_config[adapter_name].to_dict())
+            metadata = dict(peft_config.to_dict())
             metadata["target_modules"] = sorted(metadata.get("target_modules") or [])
             StableDiffusionPipeline.save_lora_weights(
                 tmp,
@@ -153,7 +177,7 @@ def save_adapter(
                 # only, and diffusers' loader decides the format from the first key, so a
                 # conversion would leave a mixed file whose convolution (or attention)
                 # weights get lost on load
-                unet_lora_layers=peft_state,
+                unet_lora_layers=dict(peft_state),
                 unet_lora_adapter_metadata=metadata,
                 safe_serialization=True,
             )
@@ -169,9 +193,13 @@ def save_adapter(
             )
             written.append(out_dir / KOHYA_WEIGHTS)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps({**spec, **(extra or {})}, indent=2))
+        old = None
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
+            os.replace(out_dir, old / "adapter")
         os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

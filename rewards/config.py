@@ -144,6 +144,16 @@ class RewardsConfig:
         0.2, "share of rated images held out for the report (split by image)", min=0.0, max=0.9
     )
     seed: int = _f(0, "seed of the split, the initialisation and the score samples", min=0)
+    ood_weight: float = _f(
+        0.5,
+        "OOD guard (rewards/ood.py): reward taken off an image whose selector features lie "
+        "twice as far from the rated pool as the pool's own ood_quantile distance (none "
+        "inside it, linear in between); 0: off",
+        min=0.0,
+    )
+    ood_quantile: float = _f(
+        0.99, "share of the rated pool inside the OOD guard's edge", min=0.5, max=0.9999
+    )
     service_replicas: int = _f(
         1, "reward service actors (Ray) or Serve replicas scoring in parallel", min=1
     )

@@ -53,6 +53,8 @@ from PIL import Image
 from generators.images import to_tensor, to_uint8
 from rewards.config import RewardsConfig
 from rewards.models import META_FILE, RewardModels, load_alignment, load_selector
+from rewards.ood import WEIGHTS_FILE as OOD_WEIGHTS_FILE
+from rewards.ood import OODGuard
 
 log = logging.getLogger(__name__)
 
@@ -429,6 +431,7 @@ class RewardModelScorer(BatchedReward):
         threshold: float = 0.25,
         batch_size: int = 64,
         device: str | torch.device = "cpu",
+        ood_weight: float = 0.0,
     ):
         models_dir = Path(models_dir)
         for part in ("selector", "alignment"):
@@ -452,6 +455,13 @@ class RewardModelScorer(BatchedReward):
         self.threshold = float(threshold)
         self.batch_size = int(batch_size)
         self.name = f"models:{models_dir}"
+        self.ood_weight = float(ood_weight)
+        self.guard = OODGuard.load(models_dir) if self.ood_weight > 0 else None
+        if self.ood_weight > 0 and self.guard is None:
+            log.warning(
+                "%s: no OOD guard (%s) beside the reward models: rewards.ood_weight is "
+                "ignored (`medrl rewards train` fits one)", models_dir, OOD_WEIGHTS_FILE
+            )  # fmt: skip
         stored = _read_meta(models_dir / "selector")
         if stored and (
             stored.get("threshold") not in (None, self.threshold)
@@ -480,6 +490,7 @@ class RewardModelScorer(BatchedReward):
             threshold=cfg.threshold,
             batch_size=cfg.service_batch_size,
             device=device,
+            ood_weight=cfg.ood_weight,
         )
 
     def score_images(self, images: list[torch.Tensor], prompts: list[str]) -> list[RewardScore]:
@@ -488,11 +499,22 @@ class RewardModelScorer(BatchedReward):
         for i, x in enumerate(images):
             by_shape[tuple(x.shape)].append(i)
         for idx in by_shape.values():  # each image is scored independently of the others
-            s = self.models.score(torch.stack([images[i] for i in idx]), [prompts[i] for i in idx])
+            batch = torch.stack([images[i] for i in idx])
+            s = self.models.score(batch, [prompts[i] for i in idx])
+            if self.guard is not None:  # images unlike the rated pool lose reward
+                s["reward"] = s["reward"] - self.guard.penalty(
+                    self.selector_features(batch), self.ood_weight
+                ).to(s["reward"])
             q, a, r, p = (s[k].cpu().tolist() for k in ("quality", "alignment", "reward", "passed"))
             for k, i in enumerate(idx):
                 out[i] = RewardScore(float(r[k]), float(q[k]), float(a[k]), bool(p[k]))
         return [out[i] for i in range(len(images))]
+
+    @torch.no_grad()
+    def selector_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The selector's image features (what the OOD guard measures)."""
+        selector = self.models.selector
+        return selector.features(selector.inputs(images)["pixel_values"])
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -98,7 +98,24 @@ class RLConfig:
     eval_prompts: int = _f(
         8, "held-out prompts (val split) sampled with fixed seeds at every iteration", min=0
     )
+    eval_per_prompt: int = _f(
+        4, "evaluation images per held-out prompt (different fixed seeds)", min=1
+    )
     eval_seed: int = _f(1234, "first seed of the evaluation images", min=0)
+    gold: Literal["simulated", "none"] = _f(
+        "simulated",
+        "gold judge of the evaluation images beside the proxy reward (rl/gold.py): the "
+        "SIMULATED expert rating from pixels (phantom-like images only), or none (on real "
+        "data gold is a held-out round of expert ratings: `medrl ratings export-round`)",
+    )
+    select_by: Literal["gold", "proxy"] = _f(
+        "gold",
+        "held-out score that picks rl/best (the best adapter version): gold_combined "
+        "when a gold judge runs, else the proxy eval_reward",
+    )
+    gold_reference: int = _f(
+        128, "held-out real images (val split) that fd_real compares against", min=0
+    )
     checkpoint_every: int = _f(1, "iterations between checkpoints", min=1)
     keep_checkpoints: int = _f(2, "checkpoints kept (older ones deleted after a commit)", min=1)
     sampler_max_restarts: int = _f(

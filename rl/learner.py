@@ -233,6 +233,12 @@ class Learner:
             lora_parameters(self.engine.module), modifier_rank=None
         )
 
+    def adapter_config(self):
+        """The peft LoRA config of the trained adapter (no weights: no collective)."""
+        from generators.lora import ADAPTER_NAME
+
+        return self.engine.module.peft_config[ADAPTER_NAME]
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The LoRA weights as cpu tensors (what the samplers receive)."""
         from generators.lora import get_adapter_state

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import torch
 
+from rl.gold import GoldJudge, make_gold_judge, selection_score, standard_error
 from rl.learner import Learner, TrainBatch, group_advantages, load_rng_state, save_rng_state
 from rl.samplers import SampleRequest, Trajectories
 
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 
 RL_DIR = "rl"
 LATEST = "latest"
+#: ``runs/<name>/rl/best``: the adapter version with the best held-out score (rl.select_by)
+BEST_DIR = "best"
+#: ``runs/<name>/rl/eval/version-NNNN.png``: the evaluation images of each adapter version
+EVAL_DIR = "eval"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -78,7 +83,20 @@ def resolve_inputs(cfg: Any) -> dict[str, Any]:
         "reward": reward,
         "train_prompts": train_prompts,
         "eval_prompts": eval_prompts,
+        "gold_reference": _gold_reference(cfg),
     }
+
+
+def _gold_reference(cfg: Any) -> list[str]:
+    """Held-out real images (val split of data.manifest) that ``fd_real`` compares against."""
+    from generators.datasets import read_manifest
+
+    manifest = Path(cfg.data.manifest_path)
+    if cfg.rl.gold == "none" or not cfg.rl.gold_reference or not manifest.is_file():
+        return []
+    table = read_manifest(manifest)
+    held_out = table[table.split != "train"]
+    return [str(p) for p in (held_out if len(held_out) else table).path][: cfg.rl.gold_reference]
 
 
 def _prompts(cfg: Any) -> tuple[list[str], list[str]]:
@@ -137,10 +155,13 @@ def iteration_requests(
     ]
 
 
-def eval_requests(prompts: Sequence[str], iteration: int, first_seed: int) -> list[SampleRequest]:
+def eval_requests(
+    prompts: Sequence[str], iteration: int, first_seed: int, per_prompt: int = 1
+) -> list[SampleRequest]:
+    """The fixed evaluation images: ``per_prompt`` seeds per prompt, the same every version."""
     return [
         SampleRequest(f"eval{iteration:05d}-{n:03d}", p, first_seed + n)
-        for n, p in enumerate(prompts)
+        for n, p in enumerate(p for p in prompts for _ in range(per_prompt))
     ]
 
 
@@ -286,6 +307,36 @@ def commit_rl_checkpoint(
     return final
 
 
+class BestAdapter:
+    """``rl/best``: the adapter version whose held-out score is the best so far.
+
+    The score is ``gold_combined`` (``rl.select_by=gold`` and a gold judge) or the proxy
+    ``eval_reward``; ties keep the earlier version. The version and score are in its
+    ``adapter_config.json`` (``version``, ``score``, ``selected_by``), which a resumed run
+    reads back, so the choice spans invocations.
+    """
+
+    def __init__(self, out: Path, select_by: str, peft_config: Any):
+        self.out, self.select_by, self.peft_config = Path(out), select_by, peft_config
+        self.score, self.version = -math.inf, None
+        meta = self.out / "adapter_config.json"
+        if meta.is_file():
+            saved = json.loads(meta.read_text())
+            self.score, self.version = float(saved["score"]), int(saved["version"])
+
+    def offer(self, version: int, record: dict[str, Any], adapter: dict[str, torch.Tensor]):
+        from generators.lora import save_adapter_state
+
+        score = selection_score(record, self.select_by)
+        if not math.isfinite(score) or score <= self.score:
+            return
+        selected_by = "gold_combined" if "gold_combined" in record and (
+            self.select_by == "gold") else "eval_reward"  # fmt: skip
+        extra = {"version": version, "score": score, "selected_by": selected_by}
+        save_adapter_state(adapter, self.peft_config, self.out, extra=extra)
+        self.score, self.version = score, version
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -320,10 +371,11 @@ class IterationLog:
                 self.writer.add_scalar(f"rl/{k}", v, it)
                 self._gauge(k, float(v))
         if eval_images is not None and len(eval_images):
-            from generators.images import make_grid, to_uint8
+            from generators.images import make_grid, save_png, to_uint8
 
             grid = make_grid(list(to_uint8(eval_images)), ncols=min(8, len(eval_images)))
             self.writer.add_image("rl/eval_images", grid, it, dataformats="HWC")
+            save_png(grid, self.run_dir / RL_DIR / EVAL_DIR / f"version-{it:04d}.png")
         self.writer.flush()
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"stage": "rl", **record}) + "\n")
@@ -331,13 +383,19 @@ class IterationLog:
             "reward_mean",
             "reward_std",
             "eval_reward",
+            "gold_combined",
+            "gold_quality",
+            "gold_faithfulness",
+            "gold_eye_match",
+            "fd_real",
             "pass_rate",
             "approx_kl",
             "clipfrac",
             "samples_per_s",
         ]
         shown = " ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
-        print(f"[rl] iteration {it} stage {record['stage_n']}: {shown}", flush=True)
+        where = f"stage {record['stage_n']}" if record.get("stage_n") else "final adapter"
+        print(f"[rl] iteration {it} {where}: {shown}", flush=True)
 
     def close(self) -> None:
         self.writer.close()
@@ -358,14 +416,31 @@ def _score_map(traj: Trajectories, result: Any) -> tuple[list[int], torch.Tensor
 
 
 def evaluate_adapter(
-    backend: Backend, prompts: Sequence[str], iteration: int, version: int, adapter, seed: int
-) -> tuple[float, torch.Tensor | None]:
-    """Mean combined reward of the fixed evaluation images under adapter ``version``."""
+    backend: Backend,
+    prompts: Sequence[str],
+    iteration: int,
+    version: int,
+    adapter,
+    rl: Any,
+    gold: GoldJudge | None = None,
+) -> tuple[dict[str, float], torch.Tensor | None]:
+    """Proxy and gold of the fixed evaluation images under adapter ``version``.
+
+    Returns the record keys (``eval_reward`` and its standard error ``eval_reward_se``,
+    plus the gold judge's keys, rl/gold.py) and the images.
+    """
     if not prompts:
-        return float("nan"), None
-    traj = backend.draw(eval_requests(prompts, iteration, seed), version, adapter)
+        return {"eval_reward": float("nan")}, None
+    requests = eval_requests(prompts, iteration, rl.eval_seed, rl.eval_per_prompt)
+    traj = backend.draw(requests, version, adapter)
     rows, rewards, _ = _score_map(traj, backend.score(traj))
-    return (float(rewards.mean()) if rows else float("nan")), traj.images
+    out = {
+        "eval_reward": float(rewards.mean()) if rows else float("nan"),
+        "eval_reward_se": standard_error(rewards.tolist()),
+    }
+    if gold is not None:
+        out.update(gold.judge(traj.images, traj.prompts))
+    return out, traj.images
 
 
 def run_iterations(
@@ -393,6 +468,10 @@ def run_iterations(
         if learner.rank == 0:
             log.info("resuming %s after iteration %d (%s)", cfg.run.name, start - 1, latest)
     report = IterationLog(run_dir, cfg.run.name, use_ray) if learner.rank == 0 else None
+    gold, best = None, None
+    if learner.rank == 0:
+        gold = make_gold_judge(cfg.rl.gold, inputs.get("gold_reference", []), cfg.model.resolution)
+        best = BestAdapter(run_dir / RL_DIR / BEST_DIR, cfg.rl.select_by, learner.adapter_config())
     initial_digest = adapter_digest(learner.adapter_state())  # collective under ZeRO-3
     trained_ids: list[str] = []
     bar = tqdm(
@@ -412,9 +491,11 @@ def run_iterations(
         eval_images = None
         adapter = learner.adapter_state()  # on every rank: collective under ZeRO-3
         if learner.rank == 0:
-            record["eval_reward"], eval_images = evaluate_adapter(
-                backend, inputs["eval_prompts"], k, k, adapter, rl.eval_seed
+            scores, eval_images = evaluate_adapter(
+                backend, inputs["eval_prompts"], k, k, adapter, rl, gold
             )
+            record.update(scores)
+            best.offer(k, record, adapter)
             requests = iteration_requests(
                 inputs["train_prompts"],
                 k,
@@ -477,9 +558,11 @@ def run_iterations(
     adapter = learner.adapter_state()
     if learner.rank == 0:
         final = {"iteration": rl.iterations, "stage_n": 0}
-        final["eval_reward"], images = evaluate_adapter(
-            backend, inputs["eval_prompts"], rl.iterations, rl.iterations, adapter, rl.eval_seed
+        scores, images = evaluate_adapter(
+            backend, inputs["eval_prompts"], rl.iterations, rl.iterations, adapter, rl, gold
         )
+        final.update(scores)
+        best.offer(rl.iterations, final, adapter)
         if start < rl.iterations:  # the final evaluation of this invocation
             report.write(final, images)
             records.append(final)

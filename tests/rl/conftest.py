@@ -25,6 +25,7 @@ RL_OVERRIDES = [
     "rl.micro_batch=4",
     "rl.sampler_chunk=4",
     "rl.eval_prompts=4",
+    "rl.eval_per_prompt=1",
     "rl.inner_epochs=1",
     "rl.reward=spatial",
 ]

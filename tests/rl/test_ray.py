@@ -272,6 +272,19 @@ def test_rl_train_on_ray_two_ranks_with_different_data_end_with_identical_adapte
         assert r["samples"] == r["trained_samples"] == 8  # 2 prompts x 4 images, stage 1
     assert records[-1]["stage_n"] == 0 and records[-1]["iteration"] == 2
     assert list((run_dir / "tb" / "rl").glob("events.out.tfevents.*"))
+    # gold beside the proxy for every adapter version, a grid per version, and rl/best
+    for r in records:
+        for key in ("eval_reward_se", "gold_combined", "gold_quality", "gold_eye_match"):
+            assert key in r and r[key] == r[key], key
+        assert 2.0 <= r["gold_combined"] <= 6.0
+    assert "gold_combined=" in printed
+    grids = sorted(p.name for p in (run_dir / "rl" / "eval").glob("version-*.png"))
+    assert grids == ["version-0000.png", "version-0001.png", "version-0002.png"]
+    best = json.loads((run_dir / "rl" / "best" / "adapter_config.json").read_text())
+    by_version = {r["iteration"]: r["gold_combined"] for r in records}
+    assert best["selected_by"] == "gold_combined"
+    assert best["score"] == pytest.approx(max(by_version.values()))
+    assert by_version[best["version"]] == pytest.approx(best["score"])
 
     # checkpoints committed, nothing temporary left
     ckpts = run_dir / "rl" / "checkpoints"
