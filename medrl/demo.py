@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from medrl.config import RunConfig, to_dict
-from medrl.runs import prepare_run_dir
+from medrl.runs import prepare_run_dir, print_proxy_and_gold
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,7 @@ def run_demo(cfg: RunConfig) -> dict[str, Path]:
     print(f"\nmedrl demo finished in {time.time() - t0:.0f} s. Results:")
     for name, path in paths.items():
         print(f"  {name:12s} {path}")
-    curve = rl["eval_curve"]
-    if curve:
-        shown = ", ".join(f"{r:.4f}" for r in curve)
-        print(f"  held-out combined reward by adapter version 0..{len(curve) - 1}: {shown}")
+    print_proxy_and_gold(rl["records"], run_dir)
     print(f"  watch training with: tensorboard --logdir {run_dir / 'tb'} --host 127.0.0.1")
     print(f"  report: medrl eval {run_dir} --real {manifest}")
     return paths
@@ -146,7 +143,7 @@ def _reward_models(cfg: RunConfig, run_dir: Path) -> Path:
 def _rl(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Steps 7-8: RL on a local Ray (resumes from its last checkpoint), then export."""
     from generators.lora import export_run_adapter
-    from rl.loop import eval_curve, run_rl
+    from rl.loop import run_rl
 
     log.info(
         "step 7/8: %d RL iterations, %d samplers, reward = the trained reward models",
@@ -157,7 +154,7 @@ def _rl(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     export = run_dir / "export"
     log.info("step 8/8: exporting the RL adapter to %s", export)
     export_run_adapter(out["adapter"], export)
-    return {"adapter": out["adapter"], "export": export, "eval_curve": eval_curve(out["records"])}
+    return {"adapter": out["adapter"], "export": export, "records": out["records"]}
 
 
 def _real_vs_generated(real: pd.DataFrame, samples_table: Path, out: Path) -> Path:

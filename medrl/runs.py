@@ -3,6 +3,7 @@ metrics.jsonl, report.html and export/. The same run name resumes."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -33,3 +34,22 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
             log.info("run %s: reopening %s", cfg.run.name, run_dir)
     save_config(cfg, current)
     return run_dir
+
+
+def print_proxy_and_gold(records: list[dict], run_dir: Path) -> None:
+    """Proxy and gold by adapter version, the hacking verdict, and where rl/best is."""
+    from eval.overoptimisation import format_version_table, proxy_gold_verdict
+
+    lines = format_version_table(records)
+    if not lines:
+        return
+    print("held-out evaluation by adapter version (proxy = reward models; gold = rl.gold):")
+    print("\n".join(lines))
+    print(f"verdict: {proxy_gold_verdict(records)['text']}")
+    meta = run_dir / "rl" / "best" / "adapter_config.json"
+    if meta.is_file():
+        best = json.loads(meta.read_text())
+        print(
+            f"best adapter: {meta.parent} (version {best['version']}, "
+            f"{best['selected_by']} {best['score']:.4f})"
+        )
