@@ -91,8 +91,10 @@ def cmd_ratings_ingest(args: argparse.Namespace) -> int:
     from generators.datasets import DataValidationError
     from rewards.ratings import ingest_ratings
 
+    # a rating sheet's image paths are stored relative to the root training will use
+    images_root = args.images_root or _load(args).rewards.images_root or None
     try:
-        report = ingest_ratings(args.csv, _ratings_db(args))
+        report = ingest_ratings(args.csv, _ratings_db(args), images_root=images_root)
     except DataValidationError as exc:
         print(exc.render(), file=sys.stderr)
         return 1
@@ -114,6 +116,57 @@ def cmd_ratings_agreement(args: argparse.Namespace) -> int:
 
     report = agreement_report(_ratings_db(args))
     print(json.dumps(report, indent=2) if args.json else format_agreement(report))
+    return 0
+
+
+def cmd_ratings_export_round(args: argparse.Namespace) -> int:
+    from rewards.rounds import NO_ADAPTER, export_round, next_round_name, round_prompts
+
+    cfg = _load(args)
+    run_dir = Path(args.run)
+    if not run_dir.is_dir() and (Path(cfg.run.root) / args.run).is_dir():
+        run_dir = Path(cfg.run.root) / args.run  # a run name
+    generator_dir = Path(args.generator) if args.generator else run_dir / "generator"
+    if not (generator_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"{generator_dir}: no generator (run `medrl finetune` first)")
+    if args.adapter:
+        adapters = [None if a == NO_ADAPTER else a for a in args.adapter]
+    elif (run_dir / "rl" / "adapter").is_dir():
+        adapters = [str(run_dir / "rl" / "adapter")]
+    elif (run_dir / "adapter").is_dir():
+        adapters = [str(run_dir / "adapter")]  # the fine-tuning LoRA, as medrl generate does
+    else:
+        adapters = [None]
+    if args.prompts_file:
+        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        prompts = [line.strip() for line in lines if line.strip()][: args.prompts]
+    else:
+        prompts = round_prompts(cfg.data.manifest_path, args.prompts, args.seed, args.split)
+    rounds_dir = Path(args.out).parent if args.out else Path(_ratings_db(args)).parent / "rounds"
+    name = args.round or (Path(args.out).name if args.out else next_round_name(rounds_dir))
+    out = Path(args.out) if args.out else rounds_dir / name
+    s = cfg.sampling
+    sheet = export_round(
+        generator_dir,
+        prompts,
+        out,
+        round_name=name,
+        adapters=adapters,
+        per_prompt=args.per_prompt,
+        num_steps=s.num_steps,
+        eta=s.eta,
+        guidance_scale=s.guidance_scale,
+        batch_size=s.batch_size,
+        seed=args.seed,
+        modality=args.modality,
+        device=cfg.run.device,
+    )
+    n = len(prompts) * args.per_prompt * len(adapters)
+    shown = ", ".join(a or "no adapter" for a in adapters)
+    print(f"round {name!r}: {n} images of {len(prompts)} prompts ({shown})")
+    print(f"blind rating sheet: {sheet} with {out / 'images'}; hand the raters only these two")
+    print(f"private key (do not share): {out / '.key.json'}")
+    print(f"when filled: medrl ratings ingest {sheet}")
     return 0
 
 
@@ -501,8 +554,14 @@ def build_parser() -> argparse.ArgumentParser:
     ).add_subparsers(dest="ratings_command", required=True)
     db_help = "SQLite ratings store (default: rewards.ratings_db of the config)"
     p = ratings.add_parser("ingest", help="validate a ratings CSV and add it to the store")
-    p.add_argument("csv")
+    p.add_argument("csv", help="ratings CSV, or a filled rating sheet (its round key beside it)")
     p.add_argument("--db", default=None, help=db_help)
+    p.add_argument(
+        "--images-root",
+        default=None,
+        help="rating sheets: store image paths relative to this (default: "
+        "rewards.images_root, else the store's folder)",
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_ratings_ingest)
     p = ratings.add_parser("export", help="write the stored ratings to OUT (.csv or .parquet)")
@@ -516,10 +575,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_ratings_agreement)
     p = ratings.add_parser(
+        "export-round",
+        help="draw the run's samples into a blind rating sheet (a new rating round)",
+    )
+    p.add_argument("run", help="run directory (runs/<name>) or run name")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        help="LoRA adapter to sample with (repeatable, 'none': the generator alone; "
+        "default: <run>/rl/adapter, else <run>/adapter, else none)",
+    )
+    p.add_argument("--generator", default=None, help="generator dir (default: <run>/generator)")
+    p.add_argument("--prompts", type=int, default=8, help="number of prompts")
+    p.add_argument("--prompts-file", default=None, help="prompts, one a line (default: manifest)")
+    p.add_argument(
+        "--split",
+        choices=["all", "heldout", "train"],
+        default="all",
+        help="manifest prompts: held-out first then training (all), or one of them",
+    )
+    p.add_argument("--per-prompt", type=int, default=2, help="images per prompt and adapter")
+    p.add_argument("--round", default=None, help="round name (default: round-N, the next free)")
+    p.add_argument(
+        "--out", default=None, help="round folder (default: rounds/<round> beside the store)"
+    )
+    p.add_argument("--modality", default="fundus", help="modality written in the sheet")
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompts and sampling seeds")
+    p.add_argument("--db", default=None, help=db_help)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_ratings_export_round)
+    p = ratings.add_parser(
         "simulate", help="SIMULATED expert ratings of phantom images (demo only)"
     )
     p.add_argument(
-        "images_dir", help="folder with samples.parquet or pool.jsonl; with --pool: output folder"
+        "images_dir",
+        help="folder with samples.parquet, pool.jsonl or a rating sheet (sheet.csv); "
+        "with --pool: output folder",
     )
     p.add_argument("--pool", action="store_true", help="first write a phantom rating pool there")
     p.add_argument("--out", default=None, help="ratings CSV (default: IMAGES_DIR/ratings.csv)")

@@ -58,7 +58,10 @@ ASPECTS: tuple[str, ...] = (
     "intra_set_diversity",
     "confidence_of_use",
 )
-COLUMNS: tuple[str, ...] = CS787_COLUMNS + ASPECTS
+#: The rating round (``medrl ratings export-round``) a rating belongs to; "" for ratings
+#: that came in outside a round (and for every rating stored before rounds existed).
+ROUND_COLUMN = "round"
+COLUMNS: tuple[str, ...] = CS787_COLUMNS + (ROUND_COLUMN,) + ASPECTS
 REQUIRED_COLUMNS: tuple[str, ...] = ("image_path", "rating", "rater_id", "timestamp")
 #: Columns written by :func:`export_ratings`: ours plus the normalised rating.
 EXPORT_COLUMNS: tuple[str, ...] = COLUMNS + ("rating_norm",)
@@ -76,6 +79,7 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "timestamp": ("time", "rated_at", "datetime", "date"),
     "generator_ckpt": ("checkpoint", "ckpt", "generator", "model", "generator_checkpoint"),
     "seed": ("sample_seed",),
+    "round": ("rating_round",),
     "clinical_realism": ("realism",),
     "prompt_faithfulness": ("faithfulness", "prompt_adherence", "prompt_alignment"),
     "abnormality_detectability": (
@@ -102,13 +106,12 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
 RATING_VALUES: tuple[int, ...] = (1, 2, 3)
 ASPECT_MAX = 10.0
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (
-    version INTEGER NOT NULL,
-    applied_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS ratings (
+#: 1: the CS787 columns and aspects, unique (image_path, rater_id, timestamp).
+#: 2: a ``round`` column, unique (image_path, rater_id, timestamp, round); version 1
+#: stores are migrated when opened (their ratings get round "").
+SCHEMA_VERSION = 2
+_RATINGS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
     id INTEGER PRIMARY KEY,
     image_path TEXT NOT NULL,
     rating INTEGER NOT NULL CHECK (rating BETWEEN 1 AND 3),
@@ -119,6 +122,7 @@ CREATE TABLE IF NOT EXISTS ratings (
     timestamp TEXT NOT NULL,
     generator_ckpt TEXT NOT NULL DEFAULT '',
     seed INTEGER,
+    round TEXT NOT NULL DEFAULT '',
     clinical_realism REAL CHECK (clinical_realism BETWEEN 0 AND 10),
     prompt_faithfulness REAL CHECK (prompt_faithfulness BETWEEN 0 AND 10),
     abnormality_detectability REAL CHECK (abnormality_detectability BETWEEN 0 AND 10),
@@ -128,10 +132,20 @@ CREATE TABLE IF NOT EXISTS ratings (
     source TEXT NOT NULL DEFAULT '',
     source_line INTEGER,
     ingested_at TEXT NOT NULL,
-    UNIQUE (image_path, rater_id, timestamp)
+    UNIQUE (image_path, rater_id, timestamp, round)
+)"""
+_SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER NOT NULL,
+    applied_at TEXT NOT NULL
 );
+"""
+    + _RATINGS_TABLE.format(name="ratings")
+    + """;
 CREATE INDEX IF NOT EXISTS ratings_by_image ON ratings (image_path, prompt);
 """
+)
 
 
 def normalise_rating(rating: float) -> float:
@@ -172,6 +186,8 @@ def connect(db: str | os.PathLike) -> sqlite3.Connection:
                 f"{path}: ratings store schema version {version} is newer than this medrl "
                 f"reads ({SCHEMA_VERSION}); upgrade medrl"
             )
+        elif version < SCHEMA_VERSION:
+            _migrate(conn, int(version), path)
         conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
         conn.close()
@@ -183,6 +199,26 @@ def connect(db: str | os.PathLike) -> sqlite3.Connection:
         raise
     conn.row_factory = sqlite3.Row
     return conn
+
+
+def _migrate(conn: sqlite3.Connection, version: int, path: Path) -> None:
+    """Bring a store of an older schema to :data:`SCHEMA_VERSION` (inside the caller's
+    transaction, so a failure leaves the store as it was)."""
+    if version == 1:
+        # SQLite cannot change a UNIQUE constraint in place: rebuild the table
+        old = [r[1] for r in conn.execute("PRAGMA table_info(ratings)").fetchall()]
+        conn.execute(_RATINGS_TABLE.format(name="ratings_v2"))
+        kept = ", ".join(c for c in old if c != ROUND_COLUMN)
+        conn.execute(f"INSERT INTO ratings_v2 ({kept}, round) SELECT {kept}, '' FROM ratings")
+        conn.execute("DROP TABLE ratings")
+        conn.execute("ALTER TABLE ratings_v2 RENAME TO ratings")
+        conn.execute("CREATE INDEX IF NOT EXISTS ratings_by_image ON ratings (image_path, prompt)")
+        n = conn.execute("SELECT COUNT(*) FROM ratings").fetchone()[0]
+        log.info("%s: ratings store migrated to schema 2 (round column; %d ratings)", path, n)
+        version = 2
+    conn.execute(
+        "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, _now())
+    )
 
 
 def _now() -> str:
@@ -293,6 +329,7 @@ def _parse_row(line: int, cells: dict[str, str], problems: list[RowProblem]) -> 
     except ValueError as exc:
         problems.append(RowProblem(line, "timestamp", str(exc)))
     row["generator_ckpt"] = cells["generator_ckpt"].strip()
+    row["round"] = cells["round"].strip()
 
     raw = cells["seed"].strip()
     row["seed"] = None
@@ -323,8 +360,16 @@ def _parse_row(line: int, cells: dict[str, str], problems: list[RowProblem]) -> 
     return row
 
 
-def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[RowProblem]]:
-    """Rows that parsed (``source_line`` = CSV line) and every problem found.
+#: Cells a rater fills; a row of a rating sheet with all of them empty was not rated.
+_RATER_CELLS: tuple[str, ...] = ("rating", "rater_id", "timestamp") + ASPECTS
+
+
+def _read_csv(
+    path: Path, skip_unrated: bool = False
+) -> tuple[list[dict[str, Any]], list[RowProblem], int]:
+    """Rows that parsed (``source_line`` = CSV line), every problem found, and the number
+    of rows skipped as not rated (``skip_unrated``: rows whose rater cells are all empty,
+    as a rating sheet's rows are until a rater fills them).
 
     A header problem raises at once (the rows cannot be read without the header).
     """
@@ -335,14 +380,17 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[RowProblem]]:
     if ignored:
         log.info("%s: ignoring columns %s", path.name, ", ".join(ignored))
     rows: list[dict[str, Any]] = []
-    first_line: dict[tuple[str, str, str], int] = {}
-    seen = 0
+    first_line: dict[tuple[str, str, str, str], int] = {}
+    seen = unrated = 0
     for line, cells in raw_rows:
         seen += 1
         values = {
             c: (cells[columns[c]] if c in columns and columns[c] < len(cells) else "")
             for c in COLUMNS
         }
+        if skip_unrated and not any(values[c].strip() for c in _RATER_CELLS):
+            unrated += 1
+            continue
         if len(cells) > len(header) and any(c.strip() for c in cells[len(header) :]):
             problems.append(
                 RowProblem(line, "row", f"{len(cells)} fields but the header has {len(header)}")
@@ -350,13 +398,13 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[RowProblem]]:
         row = _parse_row(line, values, problems)
         if not row.pop("_ok"):
             continue
-        key = (row["image_path"], row["rater_id"], row["timestamp"])
+        key = _key(row)
         if key in first_line:
             problems.append(
                 RowProblem(
                     line,
                     "row",
-                    f"same image_path, rater_id and timestamp as line {first_line[key]}",
+                    f"same image_path, rater_id, timestamp and round as line {first_line[key]}",
                 )
             )
             continue
@@ -366,7 +414,15 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[RowProblem]]:
         rows.append(row)
     if not seen:
         problems.append(RowProblem(1, "header", "no data rows under the header"))
-    return rows, problems
+    elif skip_unrated and unrated == seen:
+        problems.append(RowProblem(1, "row", "no row of this sheet has been rated yet"))
+    return rows, problems, unrated
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str, str, str]:
+    """The store's unique key of a row: one rater's rating of one image at one time in
+    one round."""
+    return (row["image_path"], row["rater_id"], row["timestamp"], row["round"])
 
 
 def parse_ratings_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -377,7 +433,7 @@ def parse_ratings_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
         FileNotFoundError / ValueError: the file cannot be read as CSV at all.
     """
     path = Path(path)
-    rows, problems = _read_csv(path)
+    rows, problems, _ = _read_csv(path)
     if problems:
         raise DataValidationError(path, problems)
     return rows
@@ -400,13 +456,20 @@ class RatingsIngestReport:
     raters: dict[str, int] = field(default_factory=dict)
     images: int = 0
     total_in_store: int = 0
+    #: Rows of a rating sheet nobody rated (skipped).
+    unrated: int = 0
+    #: Rows per rating round ("" for ratings outside a round).
+    rounds: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
+        rounds = ", ".join(f"{r or '(none)'} ({n})" for r, n in sorted(self.rounds.items()))
         return (
             f"{self.rows} rows valid: {self.inserted} stored, {self.already_stored} already "
             f"in {self.db} ({self.total_in_store} ratings there now, {self.images} images in "
             f"this file, raters: "
             + ", ".join(f"{r} ({n})" for r, n in sorted(self.raters.items()))
+            + (f"; rounds: {rounds}" if rounds else "")
+            + (f"; {self.unrated} sheet rows not rated, skipped" if self.unrated else "")
             + ")"
         )
 
@@ -417,18 +480,48 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def ingest_ratings(csv_path: str | os.PathLike, db: str | os.PathLike) -> RatingsIngestReport:
+def ingest_ratings(
+    csv_path: str | os.PathLike,
+    db: str | os.PathLike,
+    *,
+    images_root: str | os.PathLike | None = None,
+) -> RatingsIngestReport:
     """Validate a ratings CSV and add its rows to the SQLite store, in one transaction.
 
-    A row whose key (image_path, rater_id, timestamp) is already stored with the same
-    values is skipped, so ingesting a file twice adds nothing; the same key with
+    A row whose key (image_path, rater_id, timestamp, round) is already stored with the
+    same values is skipped, so ingesting a file twice adds nothing; the same key with
     different values is an error naming the line and what is stored.
+
+    A CSV beside a rating round's key file (a sheet from ``medrl ratings export-round``,
+    :mod:`rewards.rounds`) is a filled **rating sheet**: rows nobody rated are skipped,
+    every rated row must name an image of the round with its prompt, and the key fills
+    in ``generator_ckpt``, ``seed`` and ``round``; ``image_path`` is stored relative to
+    ``images_root`` (default: the store's folder) when the image lies under it, else
+    absolute, so training finds the images of every round from one root.
 
     Raises:
         DataValidationError: bad rows, including clashes with stored ratings (all listed
             with their CSV line); nothing is stored.
     """
-    rows, problems = _read_csv(Path(csv_path))
+    from rewards import rounds
+
+    csv_path = Path(csv_path)
+    key = rounds.find_key(csv_path)
+    rows, problems, unrated = _read_csv(csv_path, skip_unrated=key is not None)
+    if key is not None:
+        root = Path(images_root) if images_root is not None else Path(db).parent
+        rows = rounds.apply_key(rows, key, csv_path.parent, root, problems)
+        keys: dict[tuple[str, str, str, str], int] = {}
+        for row in rows:  # rewritten paths: check the file's own key again
+            if _key(row) in keys:
+                problems.append(
+                    RowProblem(
+                        row["source_line"],
+                        "row",
+                        f"same image, rater_id, timestamp and round as line {keys[_key(row)]}",
+                    )
+                )
+            keys.setdefault(_key(row), row["source_line"])
     conn = connect(db)
     try:
         conn.execute("BEGIN IMMEDIATE")  # lock first, so checks and inserts see one state
@@ -436,8 +529,9 @@ def ingest_ratings(csv_path: str | os.PathLike, db: str | os.PathLike) -> Rating
             fresh: list[dict[str, Any]] = []
             for row in rows:
                 stored = conn.execute(
-                    "SELECT * FROM ratings WHERE image_path = ? AND rater_id = ? AND timestamp = ?",
-                    (row["image_path"], row["rater_id"], row["timestamp"]),
+                    "SELECT * FROM ratings WHERE image_path = ? AND rater_id = ? "
+                    "AND timestamp = ? AND round = ?",
+                    _key(row),
                 ).fetchone()
                 if stored is None:
                     fresh.append(row)
@@ -476,6 +570,8 @@ def ingest_ratings(csv_path: str | os.PathLike, db: str | os.PathLike) -> Rating
         raters=dict(Counter(r["rater_id"] for r in rows)),
         images=len({r["image_path"] for r in rows}),
         total_in_store=int(total),
+        unrated=unrated,
+        rounds=dict(Counter(r["round"] for r in rows)),
     )
 
 
@@ -493,6 +589,8 @@ def read_ratings(source: str | os.PathLike) -> pd.DataFrame:
         frame = pd.DataFrame(parse_ratings_csv(path), columns=list(COLUMNS))
     elif suffix == ".parquet":
         frame = pd.read_parquet(path)
+        if ROUND_COLUMN not in frame.columns:  # exported before rounds existed
+            frame[ROUND_COLUMN] = ""
         missing = [c for c in COLUMNS if c not in frame.columns]
         if missing:
             raise ValueError(f"{path}: not an exported ratings table (lacks {', '.join(missing)})")

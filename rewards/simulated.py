@@ -218,6 +218,8 @@ class PoolItem:
     record: PhantomRecord | None = None
     seed: int | None = None
     generator_ckpt: str = ""
+    #: The rating round of a rating sheet (``medrl ratings export-round``), else "".
+    round: str = ""
 
 
 POOL_FILE = "pool.jsonl"
@@ -226,12 +228,18 @@ POOL_FILE = "pool.jsonl"
 def read_pool(images_dir: str | os.PathLike, use_records: bool = True) -> list[PoolItem]:
     """The images of a directory to rate, with their prompts.
 
-    Understood layouts (first match wins): ``pool.jsonl`` (a demo rating pool from
-    :func:`write_demo_pool`: path, prompt shown, phantom record), ``samples.parquet``
-    (``medrl generate`` output: path, prompt, seed, generator, adapter) and
-    ``phantom.jsonl`` (a phantom dataset from ``medrl data demo``). With
-    ``use_records=False`` records are dropped, so images are rated from their pixels.
+    Understood layouts (first match wins): ``pool.jsonl`` (a rating pool from
+    :func:`write_demo_pool` or :func:`rewards.pools.write_generated_pool`: path, prompt
+    shown, phantom record where known, seed and generator_ckpt where given),
+    ``sheet.csv`` (a blind rating sheet of ``medrl ratings export-round``: image_path,
+    prompt, round; generator and seed stay unknown, the round key fills them in at
+    ingestion), ``samples.parquet`` (``medrl generate`` output: path, prompt, seed,
+    generator, adapter) and ``phantom.jsonl`` (a phantom dataset from
+    ``medrl data demo``). With ``use_records=False`` records are dropped, so images are
+    rated from their pixels.
     """
+    from rewards.rounds import SHEET_FILE, read_sheet
+
     root = Path(images_dir)
     if (root / POOL_FILE).is_file():
         items = []
@@ -241,9 +249,23 @@ def read_pool(images_dir: str | os.PathLike, use_records: bool = True) -> list[P
             try:
                 d = json.loads(line)
                 record = PhantomRecord.from_dict(d["record"]) if d.get("record") else None
-                items.append(PoolItem(d["path"], d["prompt"], record, None, "phantom"))
+                seed = d.get("seed")
+                items.append(
+                    PoolItem(
+                        d["path"],
+                        d["prompt"],
+                        record,
+                        None if seed is None else int(seed),
+                        str(d.get("generator_ckpt", "phantom")),
+                    )
+                )
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"{root / POOL_FILE}: line {n}: {exc}") from exc
+    elif (root / SHEET_FILE).is_file():
+        items = [
+            PoolItem(str(r.image_path), str(r.prompt), round=str(r.round))
+            for r in read_sheet(root).itertuples(index=False)
+        ]
     elif (root / "samples.parquet").is_file():
         frame = pd.read_parquet(root / "samples.parquet")
         missing = {"path", "prompt"} - set(frame.columns)
@@ -279,7 +301,7 @@ def read_pool(images_dir: str | os.PathLike, use_records: bool = True) -> list[P
             "(medrl data demo) to take images and prompts from"
         )
     if not use_records:
-        items = [PoolItem(i.path, i.prompt, None, i.seed, i.generator_ckpt) for i in items]
+        items = [PoolItem(i.path, i.prompt, None, i.seed, i.generator_ckpt, i.round) for i in items]
     return items
 
 
@@ -299,6 +321,10 @@ def simulate_ratings(
     ``out_csv`` defaults to ``<images_dir>/ratings.csv``; its image_path values are
     relative to ``images_dir``. Item i of the pool gets ``timestamp`` + i seconds.
     Written atomically. Returns the CSV path.
+
+    A rating sheet (``sheet.csv`` of ``medrl ratings export-round``) is filled this way:
+    the CSV (in the sheet's folder, beside its key) gets a ``round`` column and
+    ``medrl ratings ingest`` takes it like a sheet filled by people.
     """
     if raters < 1:
         raise ValueError(f"simulate_ratings: raters must be >= 1, got {raters}")
@@ -331,11 +357,18 @@ def simulate_ratings(
                     "timestamp": when,
                     "generator_ckpt": item.generator_ckpt,
                     "seed": "" if item.seed is None else item.seed,
+                    "round": item.round,
                     "prompt_faithfulness": ASPECT_FOR_RATING[alignment],
                 }
             )
     out = Path(out_csv) if out_csv is not None else root / "ratings.csv"
-    _write_csv_atomic(out, RATINGS_COLUMNS, rows)
+    columns = RATINGS_COLUMNS
+    if any(item.round for item in items):
+        columns = CS787_COLUMNS + ("round", "prompt_faithfulness")
+    else:
+        for row in rows:
+            del row["round"]
+    _write_csv_atomic(out, columns, rows)
     return out
 
 

@@ -104,7 +104,7 @@ def test_bad_rows_are_all_listed_and_nothing_is_stored(tmp_path, good_csv):
     } <= problems
     assert (5, "row") in problems
     text = str(err.value)
-    assert "line 5 (row): same image_path, rater_id and timestamp as line 2" in text
+    assert "line 5 (row): same image_path, rater_id, timestamp and round as line 2" in text
     assert (6, "row") in problems and "with different values: rating 3 (file: 1)" in text
     assert read_ratings(db)["image_path"].tolist() == ["a.png", "a.png", "b.png"]  # unchanged
 

@@ -1,0 +1,325 @@
+"""Rating pools of the generator's own samples, rated by the SIMULATED expert (demo).
+
+:func:`rewards.simulated.write_demo_pool` rates procedural phantoms only, so reward
+models trained on it never see images like the ones RL draws. :func:`write_generated_pool`
+builds a pool in the same layout (``images/``, ``pool.jsonl``, ``ratings.csv``; usable by
+``rewards.training.train_rewards`` unchanged) from three sources:
+
+- ``generated``: samples of several fine-tuning checkpoints of a run
+  (``checkpoints/step-*``) and of its final generator, at several guidance scales and
+  seeds, rated from their **pixels**;
+- ``reconstruction``: real images through the generator's VAE (the decoder's ceiling),
+  rated from their pixels;
+- ``real``: real phantoms as anchors, rated from their phantom records.
+
+A share ``mismatch_fraction`` of the images is rated a second time with a prompt that
+contradicts the one they were drawn for (or, for real images and reconstructions, the
+image's own record), as in the phantom pool, so the alignment policy sees the same image
+with matching and contradicting text. The ratings are the SIMULATED expert's, not a
+clinician's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from generators.phantom import PhantomRecord
+
+log = logging.getLogger(__name__)
+
+#: Name of the final generator among the pool's checkpoints.
+FINAL = "final"
+SOURCES = ("real", "reconstruction", "generated")
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The committed fine-tuning checkpoints of a run (``checkpoints/step-*``), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.startswith("."))
+
+
+def load_checkpoint_generator(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None):
+    """The run's generator as it was at a fine-tuning checkpoint (None: the final one).
+
+    The run's ``generator/`` supplies the VAE, tokenizer and scheduler (the VAE is trained
+    before the first checkpoint and never changes after); a full-UNet checkpoint
+    (``unet.safetensors``) replaces the UNet weights, a LoRA one (``lora.safetensors``)
+    attaches the adapter of the checkpoint's ``config.yaml`` ``lora`` section, and
+    ``text_encoder.safetensors`` the text encoder when it was trained. The final generator
+    of a LoRA run is ``generator/`` plus ``adapter/``.
+    """
+    import yaml
+    from safetensors.torch import load_file
+
+    from generators.config import LoraConfig
+    from generators.lora import attach_lora, load_adapter_into, set_adapter_state
+    from generators.model import load_generator
+
+    run_dir = Path(run_dir)
+    gen = load_generator(run_dir / "generator")
+    if checkpoint is None:
+        if (run_dir / "adapter").is_dir():
+            load_adapter_into(gen.pipe, run_dir / "adapter")
+        return gen
+    ckpt = Path(checkpoint)
+    if (ckpt / "unet.safetensors").is_file():
+        gen.unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
+    elif (ckpt / "lora.safetensors").is_file():
+        config = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
+        spec = dict(config.get("lora") or {})
+        if "target_modules" in spec:
+            spec["target_modules"] = tuple(spec["target_modules"])
+        attach_lora(gen.unet, LoraConfig(**spec))
+        set_adapter_state(gen.unet, load_file(str(ckpt / "lora.safetensors")))
+    else:
+        raise FileNotFoundError(f"{ckpt}: no unet.safetensors or lora.safetensors")
+    if (ckpt / "text_encoder.safetensors").is_file():
+        # a loaded BertModel has an (unused) pooler the built one that was trained lacks
+        result = gen.text_encoder.load_state_dict(
+            load_file(str(ckpt / "text_encoder.safetensors")), strict=False
+        )
+        bad = [k for k in result.missing_keys if not k.startswith("pooler.")]
+        bad += list(result.unexpected_keys)
+        if bad:
+            raise ValueError(f"{ckpt}: text encoder weights do not fit: {', '.join(bad[:5])}")
+    return gen
+
+
+def _records_by_path(root: Path) -> dict[str, PhantomRecord]:
+    path = root / "phantom.jsonl"
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            d = json.loads(line)
+            out[d["path"]] = PhantomRecord.from_dict(d)
+    return out
+
+
+def _as_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return x.div(127.5).sub(1.0)
+
+
+def write_generated_pool(
+    run_dir: str | os.PathLike,
+    manifest: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    checkpoints: Sequence[str] | None = None,
+    guidance_scales: Sequence[float] = (1.0, 5.0),
+    prompts: int = 16,
+    seeds_per_prompt: int = 2,
+    reconstructions: int = 64,
+    real: int = 96,
+    mismatch_fraction: float = 0.5,
+    num_steps: int = 10,
+    eta: float = 1.0,
+    batch_size: int = 8,
+    raters: int = 1,
+    noise: float = 0.0,
+    seed: int = 0,
+    device: str = "cpu",
+) -> Path:
+    """A rating pool of the run's own samples, VAE reconstructions and real anchors.
+
+    Args:
+        run_dir: the fine-tuned run (``generator/``, ``checkpoints/step-*``).
+        manifest: the data manifest (prompts, real images; phantom records from the
+            ``phantom.jsonl`` beside the data, where the data are phantoms).
+        out: the pool folder (must not exist or be empty); written to a temporary
+            sibling and renamed into place.
+        checkpoints: fine-tuning checkpoint names to sample besides the final generator
+            (default: all but the newest, which the final generator is).
+        guidance_scales: every generator variant samples at each of them.
+        prompts: distinct prompts drawn from the manifest; each gets
+            ``seeds_per_prompt`` seeds, the same for every variant and guidance scale.
+        reconstructions, real: how many real images go through the VAE, and how many
+            are anchors as they are.
+        mismatch_fraction: the share of images rated again with a contradicting prompt.
+        raters, noise, seed: the simulated experts (as in ``simulate_ratings``).
+
+    Images: ``prompts * seeds_per_prompt * len(guidance_scales) * (checkpoints + 1)``
+    generated, plus ``reconstructions`` and ``real``. Returns the ratings CSV path.
+    """
+    from generators.datasets import read_manifest
+    from generators.finetune import vae_reconstruct
+    from generators.images import load_image, resize, save_png, to_uint8
+    from generators.model import resolve_device
+    from generators.sampling import sample
+    from rewards.simulated import POOL_FILE, _mismatched_prompt, simulate_ratings
+
+    if not 0.0 <= mismatch_fraction <= 1.0 or prompts < 0 or seeds_per_prompt < 1:
+        raise ValueError(
+            f"write_generated_pool: bad parameters prompts={prompts} "
+            f"seeds_per_prompt={seeds_per_prompt} mismatch_fraction={mismatch_fraction}"
+        )
+    run_dir = Path(run_dir)
+    if not (run_dir / "generator" / "model_index.json").is_file():
+        raise FileNotFoundError(f"{run_dir / 'generator'}: no generator (run `medrl finetune`)")
+    available = {p.name: p for p in list_checkpoints(run_dir)}
+    if checkpoints is None:
+        checkpoints = sorted(available)[:-1]
+    unknown = [c for c in checkpoints if c not in available]
+    if unknown:
+        raise FileNotFoundError(
+            f"{run_dir / 'checkpoints'}: no checkpoint(s) {', '.join(unknown)}; "
+            f"there are: {', '.join(sorted(available)) or 'none'}"
+        )
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not an empty directory")
+
+    table = read_manifest(manifest)
+    records = _records_by_path(Path(table.attrs["medrl"]["root"]))
+    record_of = [records.get(r) for r in table["relpath"]]
+    rng = np.random.default_rng([seed, 4242])
+    by_prompt: dict[str, PhantomRecord | None] = {}
+    for text, rec in zip(table["Text"], record_of, strict=True):
+        if by_prompt.get(text) is None:
+            by_prompt[text] = rec
+    texts = list(by_prompt)
+    chosen = [texts[i] for i in rng.permutation(len(texts))[:prompts]]
+    seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=seeds_per_prompt)]
+    jobs = [(p, s) for p in chosen for s in seeds]
+    order = rng.permutation(len(table))
+    real_rows = order[: min(real, len(table))]
+    recon_rows = order[::-1][: min(reconstructions, len(table))]
+
+    dev = resolve_device(device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    entries: list[dict[str, Any]] = []  # one per image: path, prompt, record, what it is
+    timings: dict[str, float] = {}
+    try:
+        final = None
+        t0 = time.perf_counter()
+        for name in [*checkpoints, FINAL]:
+            gen = load_checkpoint_generator(run_dir, None if name == FINAL else available[name])
+            gen = gen.to(dev)
+            gen.unet.eval()
+            gen.text_encoder.eval()
+            size = gen.resolution
+            where = str(run_dir / "generator") if name == FINAL else str(available[name])
+            for g in guidance_scales if jobs else ():
+                with torch.inference_mode():
+                    batch = sample(
+                        gen,
+                        [p for p, _ in jobs],
+                        [s for _, s in jobs],
+                        num_steps=num_steps,
+                        eta=eta,
+                        guidance_scale=float(g),
+                        batch_size=batch_size,
+                    )
+                for i, ((prompt, s), img) in enumerate(
+                    zip(jobs, to_uint8(batch.images), strict=True)
+                ):
+                    rel = f"images/gen-{name}-g{float(g):g}-{i:04d}.png"
+                    save_png(img, tmp / rel)
+                    entries.append(
+                        {
+                            "path": rel,
+                            "prompt": prompt,
+                            "claims": by_prompt[prompt],
+                            "source": "generated",
+                            "checkpoint": name,
+                            "guidance_scale": float(g),
+                            "seed": s,
+                            "generator_ckpt": where,
+                        }
+                    )
+            if name == FINAL:
+                final = gen
+            else:
+                del gen
+        timings["generated_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        size = final.resolution
+        if len(recon_rows):
+            real_images = [load_image(table["path"].iloc[int(i)]) for i in recon_rows]
+            x = resize(_as_tensor(real_images), size)
+            with torch.inference_mode():
+                recon = to_uint8(vae_reconstruct(final, x, batch_size=batch_size))
+            for k, (i, img) in enumerate(zip(recon_rows, recon, strict=True)):
+                rel = f"images/recon-{k:04d}.png"
+                save_png(img, tmp / rel)
+                entries.append(
+                    {
+                        "path": rel,
+                        "prompt": table["Text"].iloc[int(i)],
+                        "claims": record_of[int(i)],
+                        "source": "reconstruction",
+                        "checkpoint": FINAL,
+                        "generator_ckpt": f"vae:{run_dir / 'generator'}",
+                        "of": table["relpath"].iloc[int(i)],
+                    }
+                )
+        del final
+        for k, i in enumerate(real_rows):
+            image = load_image(table["path"].iloc[int(i)])
+            if image.shape[0] != size or image.shape[1] != size:
+                image = to_uint8(resize(_as_tensor([image]), size))[0]
+            rel = f"images/real-{k:04d}.png"
+            save_png(image, tmp / rel)
+            rec = record_of[int(i)]
+            entries.append(
+                {
+                    "path": rel,
+                    "prompt": table["Text"].iloc[int(i)],
+                    "claims": rec,
+                    "record": rec,
+                    "source": "real",
+                    "generator_ckpt": "real",
+                    "of": table["relpath"].iloc[int(i)],
+                }
+            )
+        timings["reconstruction_real_s"] = time.perf_counter() - t0
+
+        lines = []
+        for e in entries:
+            claims, rec = e.pop("claims"), e.pop("record", None)
+            shown = [(e["prompt"], "none")]
+            if claims is not None and rng.random() < mismatch_fraction:
+                shown.append(_mismatched_prompt(claims, rng))
+            for prompt, kind in shown:
+                line = {**e, "prompt": prompt, "mismatch": kind}
+                if rec is not None:
+                    line["record"] = rec.to_dict()
+                lines.append(json.dumps(line))
+        (tmp / POOL_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        t0 = time.perf_counter()
+        # records only where given (the real anchors); everything else from its pixels
+        simulate_ratings(tmp, tmp / "ratings.csv", raters=raters, noise=noise, seed=seed)
+        timings["rating_s"] = time.perf_counter() - t0
+        counts = {s: sum(e["source"] == s for e in entries) for s in SOURCES}
+        (tmp / "pool.json").write_text(
+            json.dumps({"images": counts, "pairs": len(lines), "timings": timings}, indent=1)
+        )
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "generated rating pool %s: %s images, %d rated pairs (%s)",
+        out,
+        counts,
+        len(lines),
+        ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
+    )
+    return out / "ratings.csv"
