@@ -94,7 +94,9 @@ def cmd_ratings_ingest(args: argparse.Namespace) -> int:
     # a rating sheet's image paths are stored relative to the root training will use
     images_root = args.images_root or _load(args).rewards.images_root or None
     try:
-        report = ingest_ratings(args.csv, _ratings_db(args), images_root=images_root)
+        report = ingest_ratings(
+            args.csv, _ratings_db(args), images_root=images_root, round_dir=args.round_dir
+        )
     except DataValidationError as exc:
         print(exc.render(), file=sys.stderr)
         return 1
@@ -561,6 +563,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="rating sheets: store image paths relative to this (default: "
         "rewards.images_root, else the store's folder)",
+    )
+    p.add_argument(
+        "--round-dir",
+        default=None,
+        help="the round folder of a filled sheet kept elsewhere (default: the CSV's folder "
+        "when it holds the round key)",
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_ratings_ingest)

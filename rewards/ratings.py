@@ -485,6 +485,7 @@ def ingest_ratings(
     db: str | os.PathLike,
     *,
     images_root: str | os.PathLike | None = None,
+    round_dir: str | os.PathLike | None = None,
 ) -> RatingsIngestReport:
     """Validate a ratings CSV and add its rows to the SQLite store, in one transaction.
 
@@ -497,7 +498,8 @@ def ingest_ratings(
     every rated row must name an image of the round with its prompt, and the key fills
     in ``generator_ckpt``, ``seed`` and ``round``; ``image_path`` is stored relative to
     ``images_root`` (default: the store's folder) when the image lies under it, else
-    absolute, so training finds the images of every round from one root.
+    absolute, so training finds the images of every round from one root. ``round_dir``
+    names the round folder of a filled sheet kept elsewhere.
 
     Raises:
         DataValidationError: bad rows, including clashes with stored ratings (all listed
@@ -506,11 +508,12 @@ def ingest_ratings(
     from rewards import rounds
 
     csv_path = Path(csv_path)
-    key = rounds.find_key(csv_path)
+    key = rounds.find_key(csv_path, round_dir)
+    sheet_dir = Path(round_dir) if round_dir is not None else csv_path.parent
     rows, problems, unrated = _read_csv(csv_path, skip_unrated=key is not None)
     if key is not None:
         root = Path(images_root) if images_root is not None else Path(db).parent
-        rows = rounds.apply_key(rows, key, csv_path.parent, root, problems)
+        rows = rounds.apply_key(rows, key, sheet_dir, root, problems)
         keys: dict[tuple[str, str, str, str], int] = {}
         for row in rows:  # rewritten paths: check the file's own key again
             if _key(row) in keys:
@@ -710,7 +713,11 @@ def krippendorff_alpha(
 
 
 def latest_per_rater(frame: pd.DataFrame) -> pd.DataFrame:
-    """One rating per (image, prompt, rater): the one with the latest timestamp."""
+    """One rating per (image, prompt, rater): the one with the latest timestamp.
+
+    Over all rounds: a rater who rates the same (image, prompt) again in a later round
+    counts once, with the newer rating (equal timestamps: the one stored last).
+    """
     order = frame.assign(_t=pd.to_datetime(frame["timestamp"], utc=True, format="ISO8601"))
     order = order.sort_values("_t", kind="stable")
     return order.drop_duplicates(["image_path", "prompt", "rater_id"], keep="last").drop(

@@ -42,10 +42,19 @@ NO_ADAPTER = "none"
 KEY_VERSION = 1
 
 
-def find_key(csv_path: str | os.PathLike) -> dict[str, Any] | None:
-    """The round key beside a ratings CSV, or None when the CSV is not a rating sheet."""
-    path = Path(csv_path).parent / KEY_FILE
+def find_key(
+    csv_path: str | os.PathLike, round_dir: str | os.PathLike | None = None
+) -> dict[str, Any] | None:
+    """The round key beside a ratings CSV (or in ``round_dir`` when given: a filled sheet
+    kept elsewhere), or None when the CSV is not a rating sheet.
+
+    Raises:
+        FileNotFoundError: ``round_dir`` given but it holds no key.
+    """
+    path = (Path(round_dir) if round_dir is not None else Path(csv_path).parent) / KEY_FILE
     if not path.is_file():
+        if round_dir is not None:
+            raise FileNotFoundError(f"{round_dir}: no {KEY_FILE}; not a rating round folder")
         return None
     try:
         key = json.loads(path.read_text(encoding="utf-8"))
@@ -251,7 +260,7 @@ def apply_key(
     out = []
     for row in rows:
         line = row["source_line"]
-        given = Path(row["image_path"])
+        given = Path(row["image_path"].replace("\\", "/"))  # a sheet saved on Windows
         rel = _relative(given, sheet_dir) if given.is_absolute() else given.as_posix()
         entry = images.get(rel)
         if entry is None:

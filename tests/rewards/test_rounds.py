@@ -208,6 +208,23 @@ def test_sheet_filled_by_hand_unrated_rows_and_key_checks(tiny_run, tmp_path):
     with pytest.raises(DataValidationError, match="no row of this sheet has been rated"):
         ingest_ratings(sheet, db)
 
+    # a filled sheet kept elsewhere, saved on Windows: round_dir names its round
+    rows = _rows(sheet)
+    rows[3].update(rating="2", rater_id="dr-c", timestamp="2025-06-03T09:00:00Z")
+    rows[3]["image_path"] = rows[3]["image_path"].replace("/", "\\")
+    elsewhere = tmp_path / "incoming" / "dr-c.csv"
+    elsewhere.parent.mkdir()
+    with open(elsewhere, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(FileNotFoundError, match="not a rating round folder"):
+        ingest_ratings(elsewhere, db, round_dir=tmp_path)
+    report = ingest_ratings(elsewhere, db, images_root=tmp_path, round_dir=out)
+    assert (report.inserted, report.unrated, report.rounds) == (1, 3, {"r7": 1})
+    stored = read_ratings(db).iloc[-1]
+    assert stored["image_path"] == "rounds/r7/" + rows[3]["image_path"].replace("\\", "/")
+
 
 V1_SCHEMA = """
 CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL);
