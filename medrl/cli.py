@@ -230,7 +230,7 @@ def cmd_rewards_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_rl_train(args: argparse.Namespace) -> int:
-    from medrl.runs import prepare_run_dir
+    from medrl.runs import prepare_run_dir, print_proxy_and_gold
     from rl.loop import eval_curve, resolve_inputs, run_rl
 
     cfg = _load(args)
@@ -248,27 +248,6 @@ def cmd_rl_train(args: argparse.Namespace) -> int:
         print("final held-out reward: n/a (rl.eval_prompts=0)")
     print_proxy_and_gold(out["records"], run_dir)
     return 0
-
-
-def print_proxy_and_gold(records: list[dict], run_dir: Path) -> None:
-    """Proxy and gold by adapter version, the hacking verdict, and where rl/best is."""
-    import json
-
-    from eval.overoptimisation import format_version_table, proxy_gold_verdict
-
-    lines = format_version_table(records)
-    if not lines:
-        return
-    print("held-out evaluation by adapter version (proxy = reward models; gold = rl.gold):")
-    print("\n".join(lines))
-    print(f"verdict: {proxy_gold_verdict(records)['text']}")
-    meta = run_dir / "rl" / "best" / "adapter_config.json"
-    if meta.is_file():
-        best = json.loads(meta.read_text())
-        print(
-            f"best adapter: {meta.parent} (version {best['version']}, "
-            f"{best['selected_by']} {best['score']:.4f})"
-        )
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

@@ -114,7 +114,7 @@ class RLConfig:
         "when a gold judge runs, else the proxy eval_reward",
     )
     gold_reference: int = _f(
-        128, "held-out real images (val split) that fd_real compares against", min=0
+        64, "held-out real images (val split) that fd_real compares against", min=0
     )
     checkpoint_every: int = _f(1, "iterations between checkpoints", min=1)
     keep_checkpoints: int = _f(2, "checkpoints kept (older ones deleted after a commit)", min=1)

