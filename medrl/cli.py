@@ -95,7 +95,11 @@ def cmd_ratings_ingest(args: argparse.Namespace) -> int:
     images_root = args.images_root or _load(args).rewards.images_root or None
     try:
         report = ingest_ratings(
-            args.csv, _ratings_db(args), images_root=images_root, round_dir=args.round_dir
+            args.csv,
+            _ratings_db(args),
+            images_root=images_root,
+            round_dir=args.round_dir,
+            images_from=args.images_from,
         )
     except DataValidationError as exc:
         print(exc.render(), file=sys.stderr)
@@ -540,8 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--images-root",
         default=None,
-        help="rating sheets: store image paths relative to this (default: "
-        "rewards.images_root, else the store's folder)",
+        help="rating sheets and --images-from: store image paths relative to this "
+        "(default: rewards.images_root, else the store's folder; absolute outside it)",
+    )
+    p.add_argument(
+        "--images-from",
+        default=None,
+        help="the CSV's image paths are relative to this folder (a rating pool's); "
+        "stored relative to --images-root",
     )
     p.add_argument(
         "--round-dir",

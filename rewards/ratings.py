@@ -486,6 +486,7 @@ def ingest_ratings(
     *,
     images_root: str | os.PathLike | None = None,
     round_dir: str | os.PathLike | None = None,
+    images_from: str | os.PathLike | None = None,
 ) -> RatingsIngestReport:
     """Validate a ratings CSV and add its rows to the SQLite store, in one transaction.
 
@@ -501,6 +502,11 @@ def ingest_ratings(
     absolute, so training finds the images of every round from one root. ``round_dir``
     names the round folder of a filled sheet kept elsewhere.
 
+    ``images_from`` (any CSV): the CSV's relative image paths are relative to this folder
+    (e.g. a rating pool's); they are stored relative to ``images_root`` (default: the
+    store's folder), or absolute when outside it, so ratings of images in several
+    folders train from one images root.
+
     Raises:
         DataValidationError: bad rows, including clashes with stored ratings (all listed
             with their CSV line); nothing is stored.
@@ -511,9 +517,14 @@ def ingest_ratings(
     key = rounds.find_key(csv_path, round_dir)
     sheet_dir = Path(round_dir) if round_dir is not None else csv_path.parent
     rows, problems, unrated = _read_csv(csv_path, skip_unrated=key is not None)
+    root = Path(images_root) if images_root is not None else Path(db).parent
     if key is not None:
-        root = Path(images_root) if images_root is not None else Path(db).parent
         rows = rounds.apply_key(rows, key, sheet_dir, root, problems)
+    elif images_from is not None:
+        for row in rows:
+            if not Path(row["image_path"]).is_absolute():
+                row["image_path"] = rounds.stored_path(Path(images_from) / row["image_path"], root)
+    if key is not None or images_from is not None:
         keys: dict[tuple[str, str, str, str], int] = {}
         for row in rows:  # rewritten paths: check the file's own key again
             if _key(row) in keys:

@@ -233,7 +233,7 @@ def read_sheet(sheet_dir: str | os.PathLike) -> pd.DataFrame:
     return frame[["image_path", "prompt", "round"]]
 
 
-def _relative(path: Path, root: Path) -> str:
+def stored_path(path: Path, root: Path) -> str:
     try:
         return path.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
@@ -261,7 +261,7 @@ def apply_key(
     for row in rows:
         line = row["source_line"]
         given = Path(row["image_path"].replace("\\", "/"))  # a sheet saved on Windows
-        rel = _relative(given, sheet_dir) if given.is_absolute() else given.as_posix()
+        rel = stored_path(given, sheet_dir) if given.is_absolute() else given.as_posix()
         entry = images.get(rel)
         if entry is None:
             problems.append(
@@ -290,6 +290,6 @@ def apply_key(
                 bad = True
         if bad:
             continue
-        row["image_path"] = _relative(sheet_dir / rel, images_root)
+        row["image_path"] = stored_path(sheet_dir / rel, images_root)
         out.append(row)
     return out

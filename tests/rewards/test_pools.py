@@ -114,6 +114,25 @@ def test_generated_pool_trains_rewards_unchanged(pool, tmp_path, tiny_rewards):
     assert (tmp_path / "rewards" / "selector").is_dir()
 
 
+def test_generated_pool_beside_the_phantom_pool_in_one_store(pool, rating_pool, tmp_path):
+    """Two pools, one store, one images root: --images-from rewrites the second's paths."""
+    from rewards.training import load_images, resolve_image
+
+    phantom_dir, phantom_csv = rating_pool
+    db = tmp_path / "both.db"
+    ingest_ratings(phantom_csv, db)
+    report = ingest_ratings(pool / "ratings.csv", db, images_root=phantom_dir, images_from=pool)
+    assert report.inserted == len(_lines(pool))
+    frame = read_ratings(db)
+    ours = frame[frame["generator_ckpt"] != "phantom"]
+    assert ours["image_path"].map(lambda p: Path(p).is_absolute()).all()  # outside the root
+    assert all(resolve_image(phantom_dir, p).is_file() for p in frame["image_path"])
+    assert load_images(phantom_dir, frame["image_path"].tolist()[:3], 32).shape[0] == 3
+    # the same file again adds nothing (the rewrite is the same)
+    again = ingest_ratings(pool / "ratings.csv", db, images_root=phantom_dir, images_from=pool)
+    assert again.inserted == 0
+
+
 def test_generated_pool_refuses_unknown_checkpoints_and_full_dirs(tiny_run, tmp_path):
     manifest = tiny_run.parent / "data" / "manifest.parquet"
     with pytest.raises(FileNotFoundError, match="step-000009"):
