@@ -41,12 +41,17 @@ def standard_error(values: Sequence[float] | np.ndarray) -> float:
     return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
-def proxy_gold_verdict(records: Sequence[Mapping[str, Any]], z: float = 2.0) -> dict[str, Any]:
+def proxy_gold_verdict(
+    records: Sequence[Mapping[str, Any]], z: float = 2.0, max_fd_increase: float = 0.25
+) -> dict[str, Any]:
     """Did the proxy rise while gold fell? The reward-overoptimisation check, in words.
 
     Compares every adapter version with version 0 on the held-out images: a change counts
     when it exceeds ``z`` standard errors of the difference (``eval_reward_se``,
-    ``gold_combined_se``). ``hacked`` lists versions whose proxy rose while gold fell.
+    ``gold_combined_se``). ``hacked`` lists versions whose proxy rose while gold fell, or
+    while their images drew away from the real ones (``fd_real`` more than
+    ``max_fd_increase`` above version 0's: a pixel-rated gold can miss images that are no
+    longer photographs at all, the distance to real images does not).
     Returns ``{"verdict", "text", "hacked", "proxy_gain", "gold_gain"}``; ``verdict`` is one
     of ``no-gold``, ``too-short``, ``hacking``, ``confirmed`` (proxy and gold both up),
     ``gold-only``, ``unconfirmed`` (proxy up, gold flat), ``flat``, ``worse``.
@@ -63,11 +68,16 @@ def proxy_gold_verdict(records: Sequence[Mapping[str, Any]], z: float = 2.0) -> 
         se = math.hypot(float(a.get(f"{key}_se", 0.0)), float(b.get(f"{key}_se", 0.0)))
         return float(b[key]) - float(a[key]), se
 
-    hacked = []
+    def drifted(v: int) -> bool:
+        a, b = by_version[versions[0]].get("fd_real"), by_version[v].get("fd_real")
+        ok = all(isinstance(x, (int, float)) and math.isfinite(x) for x in (a, b))
+        return ok and a > 0 and b > a * (1.0 + max_fd_increase)
+
+    hacked, away = [], [v for v in versions[1:] if drifted(v)]
     for v in versions[1:]:
         dp, sp = delta(v, "eval_reward")
         dg, sg = delta(v, "gold_combined")
-        if dp > z * sp and dg < -z * sg:
+        if dp > z * sp and (dg < -z * sg or v in away):
             hacked.append(v)
     last = versions[-1]
     dp, sp = delta(last, "eval_reward")
@@ -76,10 +86,10 @@ def proxy_gold_verdict(records: Sequence[Mapping[str, Any]], z: float = 2.0) -> 
     if hacked:
         verdict = "hacking"
         text = (
-            f"REWARD HACKING: the proxy rose while gold fell at adapter version(s) "
-            f"{', '.join(map(str, hacked))} (last version: proxy {dp:+.4f}, gold {dg:+.3f} "
-            f"against version {versions[0]}). Do not use these adapters; the run's `best` "
-            "adapter was chosen on gold."
+            f"REWARD HACKING: the proxy rose while gold fell or the images left the real "
+            f"ones at adapter version(s) {', '.join(map(str, hacked))} (last version: proxy "
+            f"{dp:+.4f}, gold {dg:+.3f} against version {versions[0]}). Do not use these "
+            "adapters; the run's `best` adapter was chosen on gold."
         )
     elif up_p and up_g:
         verdict, text = "confirmed", f"proxy {dp:+.4f} and gold {dg:+.3f}: gold confirms the gain"
@@ -93,10 +103,19 @@ def proxy_gold_verdict(records: Sequence[Mapping[str, Any]], z: float = 2.0) -> 
     else:
         verdict = "flat"
         text = f"neither moved beyond noise (proxy {dp:+.4f}, gold {dg:+.3f})"
+    if away:
+        base = by_version[versions[0]]["fd_real"]
+        worst = max(away, key=lambda v: by_version[v]["fd_real"])
+        text += (
+            f". The images drew away from the real ones at version(s) "
+            f"{', '.join(map(str, away))} (fd_real up to "
+            f"{by_version[worst]['fd_real'] / base - 1:+.0%} against version {versions[0]})"
+        )
     return {
         "verdict": verdict,
         "text": text,
         "hacked": hacked,
+        "off_manifold": away,
         "proxy_gain": dp,
         "gold_gain": dg,
     }

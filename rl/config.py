@@ -113,6 +113,12 @@ class RLConfig:
         "held-out score that picks rl/best (the best adapter version): gold_combined "
         "when a gold judge runs, else the proxy eval_reward",
     )
+    max_fd_increase: float = _f(
+        0.25,
+        "rl/best skips adapter versions whose fd_real (FID to held-out real images) exceeds "
+        "version 0's by more than this share: they drew away from the real images",
+        min=0.0,
+    )
     gold_reference: int = _f(
         64, "held-out real images (val split) that fd_real compares against", min=0
     )

@@ -311,28 +311,45 @@ class BestAdapter:
     """``rl/best``: the adapter version whose held-out score is the best so far.
 
     The score is ``gold_combined`` (``rl.select_by=gold`` and a gold judge) or the proxy
-    ``eval_reward``; ties keep the earlier version. The version and score are in its
-    ``adapter_config.json`` (``version``, ``score``, ``selected_by``), which a resumed run
-    reads back, so the choice spans invocations.
+    ``eval_reward``; ties keep the earlier version. A version whose ``fd_real`` exceeds
+    version 0's by more than ``max_fd_increase`` (it drew away from the real images) is
+    not eligible. The version, score and version 0's ``fd_real`` are in its
+    ``adapter_config.json``, which a resumed run reads back, so the choice spans
+    invocations.
     """
 
-    def __init__(self, out: Path, select_by: str, peft_config: Any):
+    def __init__(self, out: Path, select_by: str, peft_config: Any, max_fd_increase: float):
         self.out, self.select_by, self.peft_config = Path(out), select_by, peft_config
-        self.score, self.version = -math.inf, None
+        self.max_fd_increase = float(max_fd_increase)
+        self.score, self.version, self.base_fd = -math.inf, None, None
         meta = self.out / "adapter_config.json"
         if meta.is_file():
             saved = json.loads(meta.read_text())
             self.score, self.version = float(saved["score"]), int(saved["version"])
+            self.base_fd = saved.get("base_fd_real")
+
+    def eligible(self, record: dict[str, Any]) -> bool:
+        fd = record.get("fd_real")
+        if not finite(fd) or not finite(self.base_fd) or self.base_fd <= 0:
+            return True
+        return fd <= self.base_fd * (1.0 + self.max_fd_increase)
 
     def offer(self, version: int, record: dict[str, Any], adapter: dict[str, torch.Tensor]):
         from generators.lora import save_adapter_state
 
+        if version == 0 and finite(record.get("fd_real")):
+            self.base_fd = float(record["fd_real"])
         score = selection_score(record, self.select_by)
-        if not math.isfinite(score) or score <= self.score:
+        if not math.isfinite(score) or score <= self.score or not self.eligible(record):
             return
         selected_by = "gold_combined" if "gold_combined" in record and (
             self.select_by == "gold") else "eval_reward"  # fmt: skip
-        extra = {"version": version, "score": score, "selected_by": selected_by}
+        extra = {
+            "version": version,
+            "score": score,
+            "selected_by": selected_by,
+            "base_fd_real": self.base_fd,
+        }
         save_adapter_state(adapter, self.peft_config, self.out, extra=extra)
         self.score, self.version = score, version
 
@@ -471,7 +488,12 @@ def run_iterations(
     gold, best = None, None
     if learner.rank == 0:
         gold = make_gold_judge(cfg.rl.gold, inputs.get("gold_reference", []), cfg.model.resolution)
-        best = BestAdapter(run_dir / RL_DIR / BEST_DIR, cfg.rl.select_by, learner.adapter_config())
+        best = BestAdapter(
+            run_dir / RL_DIR / BEST_DIR,
+            cfg.rl.select_by,
+            learner.adapter_config(),
+            cfg.rl.max_fd_increase,
+        )
     initial_digest = adapter_digest(learner.adapter_state())  # collective under ZeRO-3
     trained_ids: list[str] = []
     bar = tqdm(

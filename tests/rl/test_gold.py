@@ -45,7 +45,9 @@ def test_gold_is_the_simulated_expert_rating_the_pixels(phantoms):
 def test_gold_sees_the_eye_and_the_blur_in_the_pixels(phantoms):
     records, images = phantoms
     prompts = [r.prompt for r in records]
-    judge = SimulatedGold(reference=images)
+    from eval.features import FallbackFeatures
+
+    judge = SimulatedGold(reference=images, features=FallbackFeatures())  # fast; FID in the loop
     true = judge.judge(images, prompts)
     swapped = judge.judge(images, [_swap_eye(p) for p in prompts])
     assert true["gold_eye_match"] >= 0.9 and swapped["gold_eye_match"] <= 0.1
@@ -92,6 +94,11 @@ def test_verdict_flags_a_planted_hacked_run():
     # a wobble inside the noise is not a trend, either way
     assert proxy_gold_verdict(_run([0.400, 0.402], [3.0, 2.98]))["verdict"] == "flat"
     assert proxy_gold_verdict(_run([0.40, 0.50], [3.0, 3.02]))["verdict"] == "unconfirmed"
+    # gold fooled (it rises) while the images leave the real ones: hacking all the same
+    away = _run([0.40, 0.60], [2.4, 2.5])
+    away[0]["fd_real"], away[1]["fd_real"] = 160.0, 225.0
+    v = proxy_gold_verdict(away)
+    assert v["verdict"] == "hacking" and v["off_manifold"] == [1] and "+41%" in v["text"]
     no_gold = [{"iteration": 0, "eval_reward": 0.4}, {"iteration": 1, "eval_reward": 0.5}]
     assert proxy_gold_verdict(no_gold)["verdict"] == "no-gold"
 
@@ -119,18 +126,36 @@ def test_best_adapter_keeps_the_best_version_across_a_resume(tmp_path):
 
     peft_cfg = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"])
     state = {"down.lora_A.weight": torch.ones(2, 4), "down.lora_B.weight": torch.zeros(4, 2)}
-    best = BestAdapter(tmp_path / "best", "gold", peft_cfg)
+    best = BestAdapter(tmp_path / "best", "gold", peft_cfg, 0.25)
     best.offer(0, {"eval_reward": 0.5, "gold_combined": 3.0}, state)
     best.offer(1, {"eval_reward": 0.9, "gold_combined": 2.5}, state)  # proxy up, gold down
     best.offer(2, {"eval_reward": 0.6, "gold_combined": 3.0}, state)  # a tie keeps version 0
     meta = json.loads((tmp_path / "best" / "adapter_config.json").read_text())
     assert (meta["version"], meta["score"], meta["selected_by"]) == (0, 3.0, "gold_combined")
-    resumed = BestAdapter(tmp_path / "best", "gold", peft_cfg)
+    resumed = BestAdapter(tmp_path / "best", "gold", peft_cfg, 0.25)
     assert (resumed.version, resumed.score) == (0, 3.0)
     resumed.offer(3, {"eval_reward": 0.6, "gold_combined": 3.4}, state)
     meta = json.loads((tmp_path / "best" / "adapter_config.json").read_text())
     assert meta["version"] == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left over
+
+
+def test_best_adapter_skips_versions_that_left_the_real_images(tmp_path):
+    from peft import LoraConfig
+
+    from rl.loop import BestAdapter
+
+    peft_cfg = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"])
+    state = {"down.lora_A.weight": torch.ones(2, 4), "down.lora_B.weight": torch.zeros(4, 2)}
+    best = BestAdapter(tmp_path / "best", "gold", peft_cfg, 0.25)
+    best.offer(0, {"eval_reward": 0.5, "gold_combined": 2.4, "fd_real": 160.0}, state)
+    best.offer(1, {"eval_reward": 0.6, "gold_combined": 2.6, "fd_real": 230.0}, state)  # +44 %
+    best.offer(2, {"eval_reward": 0.6, "gold_combined": 2.5, "fd_real": 180.0}, state)  # +13 %
+    assert best.version == 2
+    resumed = BestAdapter(tmp_path / "best", "gold", peft_cfg, 0.25)
+    assert resumed.base_fd == 160.0
+    resumed.offer(3, {"eval_reward": 0.7, "gold_combined": 2.9, "fd_real": 210.0}, state)
+    assert resumed.version == 2  # still away from the real images after a resume
 
 
 def test_report_states_the_verdict_and_draws_proxy_against_gold():
