@@ -116,3 +116,18 @@ def fit_ood_guard(
     guard = OODGuard(mean, precision, 0.0, quantile, shrinkage, len(x))
     guard.edge = float(torch.quantile(guard.distance(x), quantile))
     return guard
+
+
+@torch.no_grad()
+def selector_features(selector: torch.nn.Module, images: torch.Tensor, batch_size: int = 64):
+    """The selector's features of ``images`` (anything its ``inputs`` takes), in batches."""
+    was_training = selector.training
+    selector.eval()
+    try:
+        parts = [
+            selector.features(selector.inputs(images[i : i + batch_size])["pixel_values"])
+            for i in range(0, len(images), batch_size)
+        ]
+    finally:
+        selector.train(was_training)
+    return torch.cat(parts).cpu()

@@ -54,7 +54,7 @@ from generators.images import to_tensor, to_uint8
 from rewards.config import RewardsConfig
 from rewards.models import META_FILE, RewardModels, load_alignment, load_selector
 from rewards.ood import WEIGHTS_FILE as OOD_WEIGHTS_FILE
-from rewards.ood import OODGuard
+from rewards.ood import OODGuard, selector_features
 
 log = logging.getLogger(__name__)
 
@@ -510,11 +510,9 @@ class RewardModelScorer(BatchedReward):
                 out[i] = RewardScore(float(r[k]), float(q[k]), float(a[k]), bool(p[k]))
         return [out[i] for i in range(len(images))]
 
-    @torch.no_grad()
     def selector_features(self, images: torch.Tensor) -> torch.Tensor:
         """The selector's image features (what the OOD guard measures)."""
-        selector = self.models.selector
-        return selector.features(selector.inputs(images)["pixel_values"])
+        return selector_features(self.models.selector, images, self.batch_size)
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
