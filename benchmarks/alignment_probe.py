@@ -20,7 +20,10 @@ supervised losses, no REINFORCE, holding out every fifth image (all its pairs):
 
 Prints held-out and training Spearman (probes 1, 3) or accuracy (probes 2, 4) every 5
 epochs.
-The numbers in docs/rewards.md ("The alignment policy does not learn") come from it.
+The numbers in docs/rewards.md ("The alignment policy does not learn") come from it, with
+the seed's architecture: ``rewards.fusion=concat rewards.alignment_pooling=mean``. The
+fixes (interaction fusion, grid pooling, contrastive pre-training) are measured by
+benchmarks/alignment.py.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from generators.images import load_image, to_tensor  # noqa: E402
 from medrl.config import load_config  # noqa: E402
-from rewards.models import _pool, build_alignment, prepare_images  # noqa: E402
+from rewards.models import _pool, build_alignment, pooled_size, prepare_images  # noqa: E402
 
 
 def _fit(model, params, logits, target, train, test, epochs, lr, metric, tag: str) -> None:
@@ -83,7 +86,7 @@ def _fused_probe(model, x, prompts, y, train, test, epochs: int, lr: float, tag:
 
 
 def _laterality_probe(model, x, left, train, test, epochs: int, lr: float) -> None:
-    head = torch.nn.Linear(model.vit.config.hidden_size, 1)
+    head = torch.nn.Linear(pooled_size(model.vit.config.hidden_size, model.pooling), 1)
 
     def logits(idx: torch.Tensor) -> torch.Tensor:
         hidden = model.vit(pixel_values=model.stem(x[idx])).last_hidden_state

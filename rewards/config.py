@@ -89,9 +89,26 @@ class RewardsConfig:
     selector_hidden: tuple[int, ...] = _f(
         (64,), "MLP widths of the selector's score head (full preset: [384])", min=1
     )
+    fusion: Literal["interaction", "concat"] = _f(
+        "interaction",
+        "how the alignment policy joins image and text: `interaction` projects both to "
+        "fusion_dim and feeds [u, v, |u-v|, u*v] to the MLP (learns whether they match); "
+        "`concat` feeds [image ; text] (the original fusion)",
+    )
+    alignment_pooling: Literal["grid", "mean", "cls", "vision"] = _f(
+        "grid",
+        "image embedding of the alignment policy: `grid` (the patch-token means of the four "
+        "quadrants side by side: keeps which side the optic disc is on, i.e. the eye), "
+        "`mean`, `cls`, or `vision` (as rewards.vision.pooling)",
+    )
+    fusion_dim: int = _f(
+        64,
+        "shared width d of the interaction fusion's projections (4 d features reach the MLP)",
+        min=1,
+    )
     fusion_hidden: tuple[int, ...] = _f(
         (64, 32),
-        "MLP widths of the alignment policy after the concat (full preset: [768, 384])",
+        "MLP widths of the alignment policy after the fusion (full preset: [768, 384])",
         min=1,
     )
     value_hidden: int = _f(
@@ -101,6 +118,12 @@ class RewardsConfig:
         "reinforce",
         "how the models learn: REINFORCE with a learned value baseline, or supervised "
         "regression of the mean score on the rating",
+    )
+    alignment_objective: Literal["same", "reinforce", "regression", "ranking"] = _f(
+        "same",
+        "objective of the alignment policy: `same` as rewards.objective, or its own: "
+        "reinforce, regression (rewards.regression_loss), or ranking (BCE of the mean "
+        "score plus a pairwise logistic loss that orders the batch's pairs by rating)",
     )
     compare_objectives: bool = _f(
         True, "also train the other objective and report both on the held-out ratings"
@@ -153,6 +176,44 @@ class RewardsConfig:
     )
     ood_quantile: float = _f(
         0.99, "share of the rated pool inside the OOD guard's edge", min=0.5, max=0.9999
+    )
+    pretrain_manifest: str = _f(
+        "",
+        "manifest (`medrl data ingest`) whose image-text pairs pre-train the alignment "
+        "policy's two towers contrastively before the ratings (rewards/contrastive.py); "
+        "empty: no pre-training",
+    )
+    pretrain_epochs: int = _f(
+        20, "contrastive pre-training epochs over the manifest (0: off)", min=0
+    )
+    pretrain_lr: float = _f(
+        2e-3, "AdamW peak learning rate of the contrastive pre-training", min=0.0
+    )
+    pretrain_batch_size: int = _f(
+        64, "image-text pairs per contrastive step (the in-batch negatives)", min=2
+    )
+    pretrain_temperature: float = _f(
+        0.1, "InfoNCE temperature of the contrastive pre-training", min=1e-3, max=10.0
+    )
+    pretrain_flip: bool = _f(
+        True,
+        "every batch also holds each image mirrored left-right, paired with its prompt's eye "
+        "swapped (a mirrored fundus is the other eye)",
+    )
+    pretrain_hard_weight: float = _f(
+        1.0,
+        "weight of the two-way loss 'true prompt vs its eye-swapped prompt' per image, "
+        "added to the InfoNCE",
+        min=0.0,
+    )
+    pretrain_grade_swap: bool = _f(
+        True, "hard negatives with the DR grade words replaced, besides the swapped eye"
+    )
+    tower_lr_scale: float = _f(
+        0.1,
+        "learning-rate factor of the alignment policy's ViT and text encoder while it "
+        "learns from the ratings after contrastive pre-training (keeps what it taught them)",
+        min=0.0,
     )
     service_replicas: int = _f(
         1, "reward service actors (Ray) or Serve replicas scoring in parallel", min=1

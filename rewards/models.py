@@ -8,8 +8,18 @@ output) that REINFORCE uses as its baseline (rewards/training.py).
 
 - selector: ``ViTModel`` -> image embedding -> MLP -> (alpha, beta); images only.
 - alignment policy: the ViT image embedding (768 in the full preset) and the mean over
-  tokens of a BERT-family encoder's last layer (BioMedBERT, 768) concatenated (1536)
-  -> MLP 768 -> 384 -> (alpha, beta).
+  tokens of a BERT-family encoder's last layer (BioMedBERT, 768), fused by
+  ``rewards.fusion``:
+
+  - ``interaction`` (default): both projected to a shared width d
+    (``rewards.fusion_dim``) and L2-normalised (times sqrt(d)) to u and v, then
+    [u, v, |u - v|, u * v] (4d) -> MLP -> (alpha, beta). The match of image and prompt
+    (an exclusive-or of an image and a text feature, such as "which eye") is a simple
+    function of |u - v| and u * v, where a concatenation leaves the MLP to discover it.
+    The projections are the space that contrastive pre-training (rewards/contrastive.py)
+    aligns.
+  - ``concat`` (the original fusion): [image ; text] (1536) -> MLP 768 -> 384 ->
+    (alpha, beta). Checkpoints without a ``fusion`` entry are this.
 
 The image embedding is the mean of the ViT's final (LayerNorm-ed) patch tokens, or its
 [CLS] token (``rewards.vision.pooling``).
@@ -27,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -53,6 +64,7 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "reward_model.json"
 TOKENIZER_DIR = "tokenizer"
 Kind = Literal["selector", "alignment"]
+FUSIONS = ("concat", "interaction")
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +125,43 @@ class DetailChannels(nn.Module):
         return torch.cat([x, detail], dim=1)
 
 
+POOLINGS = ("mean", "cls", "grid")
+
+
+def _check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; allowed: {', '.join(map(repr, POOLINGS))}")
+
+
+def pooled_size(hidden: int, pooling: str) -> int:
+    """Width of the pooled image embedding: D, or 4 D for ``grid``."""
+    _check_pooling(pooling)
+    return 4 * hidden if pooling == "grid" else hidden
+
+
 def _pool(hidden: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(B, 1 + patches, D) final ViT states -> (B, D): patch-token mean or [CLS]."""
+    """(B, 1 + patches, D) final ViT states -> (B, D) or (B, 4 D).
+
+    ``mean``: patch-token mean; ``cls``: the [CLS] token; ``grid``: the patch-token means
+    of the four quadrants (top-left, top-right, bottom-left, bottom-right) side by side,
+    which keeps where a structure lies (which side the optic disc is on: the eye) where a
+    mean over all patches is blind to it until the ViT writes position into its tokens.
+    """
+    _check_pooling(pooling)
     if pooling == "mean":
         return hidden[:, 1:].mean(dim=1)
     if pooling == "cls":
         return hidden[:, 0]
-    raise ValueError(f"unknown pooling {pooling!r}; allowed: 'mean', 'cls'")
+    patches = hidden[:, 1:]
+    side = math.isqrt(patches.shape[1])
+    if side * side != patches.shape[1] or side < 2:
+        raise ValueError(
+            f"grid pooling needs a square grid of >= 2x2 patches, got {patches.shape[1]}"
+        )
+    grid = patches.reshape(len(patches), side, side, -1)
+    h = side // 2
+    quads = [grid[:, :h, :h], grid[:, :h, h:], grid[:, h:, :h], grid[:, h:, h:]]
+    return torch.cat([q.mean(dim=(1, 2)) for q in quads], dim=-1)
 
 
 def _image_stem(vit: ViTModel) -> nn.Module:
@@ -230,11 +272,11 @@ class QualitySelector(nn.Module):
         self, vit: ViTModel, head_hidden: Sequence[int], value_hidden: int, pooling: str = "mean"
     ):
         super().__init__()
-        _pool(torch.zeros(1, 2, 1), pooling)  # checks the name
+        _check_pooling(pooling)
         self.vit = vit
         self.pooling = pooling
         self.stem = _image_stem(vit)
-        dim = vit.config.hidden_size
+        dim = pooled_size(vit.config.hidden_size, pooling)
         self.head_hidden = tuple(int(h) for h in head_hidden)
         self.value_hidden = int(value_hidden)
         self.policy_head = BetaPolicyHead(dim, self.head_hidden)
@@ -278,7 +320,11 @@ class QualitySelector(nn.Module):
 
 
 class AlignmentPolicy(nn.Module):
-    """ViT image + BERT text features, concatenated -> MLP -> Beta policy; separate value head."""
+    """ViT image + BERT text features, fused -> MLP -> Beta policy; separate value head.
+
+    ``fusion``: ``concat`` ([image ; text]) or ``interaction`` ([u, v, |u - v|, u * v] of
+    the two projected to ``fusion_dim``); the value head sees the same fused features.
+    """
 
     kind: Kind = "alignment"
 
@@ -291,9 +337,13 @@ class AlignmentPolicy(nn.Module):
         value_hidden: int,
         max_length: int,
         pooling: str = "mean",
+        fusion: str = "concat",
+        fusion_dim: int = 64,
     ):
         super().__init__()
-        _pool(torch.zeros(1, 2, 1), pooling)  # checks the name
+        _check_pooling(pooling)
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; allowed: {', '.join(FUSIONS)}")
         self.vit = vit
         self.pooling = pooling
         self.stem = _image_stem(vit)
@@ -302,8 +352,17 @@ class AlignmentPolicy(nn.Module):
         self.max_length = int(max_length)
         self.fusion_hidden = tuple(int(h) for h in fusion_hidden)
         self.value_hidden = int(value_hidden)
-        fused = vit.config.hidden_size + text_encoder.config.hidden_size
-        # 1536 -> 768 -> 384 in the full preset, then the 2 Beta parameters
+        self.fusion_kind = fusion
+        self.fusion_dim = int(fusion_dim)
+        image_dim = pooled_size(vit.config.hidden_size, pooling)
+        text_dim = text_encoder.config.hidden_size
+        if fusion == "interaction":
+            self.image_proj = nn.Linear(image_dim, self.fusion_dim)
+            self.text_proj = nn.Linear(text_dim, self.fusion_dim)
+            fused = 4 * self.fusion_dim
+        else:
+            fused = image_dim + text_dim
+        # concat, full preset: 1536 -> 768 -> 384, then the 2 Beta parameters
         self.fusion = _mlp(fused, self.fusion_hidden[:-1], self.fusion_hidden[-1])
         self.policy_head = BetaPolicyHead(self.fusion_hidden[-1], ())
         self.value_head = ValueHead(fused, self.value_hidden)
@@ -326,14 +385,9 @@ class AlignmentPolicy(nn.Module):
             "attention_mask": tok["attention_mask"].to(device),
         }
 
-    def fused_features(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """[image embedding ; masked mean of the text tokens]: (B, vit hidden + text hidden)."""
-        image = _pool(
-            self.vit(pixel_values=self.stem(pixel_values)).last_hidden_state, self.pooling
-        )
-        return torch.cat([image, self.text_features(input_ids, attention_mask)], dim=-1)
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [-1, 1] -> (B, vit hidden): the pooled ViT embedding."""
+        return _pool(self.vit(pixel_values=self.stem(pixel_values)).last_hidden_state, self.pooling)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Masked mean of the text encoder's final token states: (B, text hidden)."""
@@ -342,6 +396,30 @@ class AlignmentPolicy(nn.Module):
         ).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
         return (tokens * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def project_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Image embedding -> unit vector in the shared space (interaction fusion only)."""
+        return F.normalize(self.image_proj(image), dim=-1)
+
+    def project_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Text embedding -> unit vector in the shared space (interaction fusion only)."""
+        return F.normalize(self.text_proj(text), dim=-1)
+
+    def fuse(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Tower embeddings -> the fused features the policy and value heads read."""
+        if self.fusion_kind == "concat":
+            return torch.cat([image, text], dim=-1)
+        scale = math.sqrt(self.fusion_dim)
+        u, v = self.project_image(image) * scale, self.project_text(text) * scale
+        return torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
+
+    def fused_features(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The fused features of (image, prompt) pairs (see ``fusion``)."""
+        return self.fuse(
+            self.image_features(pixel_values), self.text_features(input_ids, attention_mask)
+        )
 
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -376,6 +454,8 @@ class AlignmentPolicy(nn.Module):
             "fusion_hidden": list(self.fusion_hidden),
             "value_hidden": self.value_hidden,
             "max_length": self.max_length,
+            "fusion": self.fusion_kind,
+            "fusion_dim": self.fusion_dim,
         }
 
 
@@ -408,7 +488,9 @@ def build_alignment(cfg: RewardsConfig) -> AlignmentPolicy:
         cfg.fusion_hidden,
         cfg.value_hidden,
         text_cfg.max_length,
-        cfg.vision.pooling,
+        cfg.vision.pooling if cfg.alignment_pooling == "vision" else cfg.alignment_pooling,
+        cfg.fusion,
+        cfg.fusion_dim,
     )
 
 
@@ -506,6 +588,8 @@ def load_reward_model(path: str | os.PathLike, device: str | torch.device = "cpu
             arch["value_hidden"],
             arch["max_length"],
             arch["pooling"],
+            arch.get("fusion", "concat"),  # checkpoints before the interaction fusion
+            arch.get("fusion_dim", 64),
         )
     state = load_file(str(path / WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(state, strict=False)

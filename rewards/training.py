@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from generators.images import ImageDecodeError, load_image, resize, to_tensor
 from generators.model import build_tokenizer, resolve_device
 from rewards.config import RewardsConfig
+from rewards.contrastive import load_manifest_pairs, pretrain_towers, swap_eye
 from rewards.models import (
     AlignmentPolicy,
     PolicyOutput,
@@ -123,6 +124,30 @@ def reinforce_loss(
         "entropy": float(entropy.detach()),
         "value_loss": float(value_loss.detach()),
     }
+
+
+def ranking_loss(
+    out: PolicyOutput, target: torch.Tensor, pair_weight: float = 1.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """BCE of the mean score against the rating plus a pairwise ranking loss.
+
+    For every two pairs of the batch with different ratings y_i > y_j the logistic loss
+    softplus(-(l_i - l_j)) of the score logits l = log(alpha / beta) (the logit of the
+    mean) pushes the better-rated pair's score above the other's; the BCE term keeps the
+    scores on the rating scale.
+    """
+    mean = out.mean.clamp(SCORE_EPS, 1 - SCORE_EPS)
+    bce = F.binary_cross_entropy(mean, target)
+    logit = out.alpha.log() - out.beta.log()
+    better = (target[:, None] - target[None, :]) > 1e-6  # (i, j): y_i > y_j
+    if better.any():
+        diff = logit[:, None] - logit[None, :]
+        rank = F.softplus(-diff[better]).mean()
+    else:
+        rank = logit.sum() * 0.0
+    loss = bce + pair_weight * rank
+    return loss, {"loss": float(loss.detach()), "bce": float(bce.detach()),
+                  "rank": float(rank.detach())}  # fmt: skip
 
 
 def regression_loss(
@@ -261,15 +286,27 @@ def fit(
     desc: str,
     seed: int,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    tower_lr_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Train ``model`` on ``data`` for ``epochs`` with ``objective``; returns statistics.
 
     ``on_epoch(epoch, mean losses)`` is called after every epoch (logging, evaluation).
+    ``tower_lr_scale`` scales the learning rate of the backbones (ViT, text encoder),
+    e.g. to keep what contrastive pre-training taught them.
     """
     if len(data) == 0 or epochs == 0:
         return {"epochs": 0, "steps": 0, "items": len(data)}
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    towers = [*model.vit.parameters()]
+    if isinstance(model, AlignmentPolicy):
+        towers += [*model.text_encoder.parameters()]
+    tower_ids = {id(p) for p in towers}
+    heads = [p for p in model.parameters() if id(p) not in tower_ids]
+    opt = torch.optim.AdamW(
+        [{"params": heads}, {"params": towers, "lr": cfg.lr * tower_lr_scale}],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
     total = epochs * math.ceil(len(data) / cfg.batch_size)
     warmup = max(1, total // 20)
 
@@ -301,8 +338,12 @@ def fit(
                 )
             elif objective == "regression":
                 loss, parts = regression_loss(out, target[idx.to(device)], cfg.regression_loss)
+            elif objective == "ranking":
+                loss, parts = ranking_loss(out, target[idx.to(device)])
             else:
-                raise ValueError(f"unknown objective {objective!r}; allowed: reinforce, regression")
+                raise ValueError(
+                    f"unknown objective {objective!r}; allowed: reinforce, regression, ranking"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -357,6 +398,47 @@ def agreement_metrics(pred: np.ndarray, target: np.ndarray, threshold: float) ->
     }
 
 
+@torch.no_grad()
+def eye_swap_detection(
+    policy: AlignmentPolicy,
+    data: Batchable,
+    prompts: Sequence[str],
+    device: torch.device,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """How the policy scores held-out images with their prompt's eye swapped.
+
+    Over the pairs of ``data`` rated fully faithful (target 1) whose prompt names an eye:
+    ``lower`` is the share where the swapped prompt scores below the true one,
+    ``below_half`` where it scores below 0.5, ``detected`` where either holds.
+    """
+    keep = [
+        i
+        for i, p in enumerate(prompts)
+        if i < len(data) and float(data.target[i]) >= 1.0 - 1e-6 and swap_eye(p) is not None
+    ]
+    if not keep:
+        return {"n": 0, "lower": None, "below_half": None, "detected": None}
+    policy.eval()
+    true_s, swap_s = [], []
+    for start in range(0, len(keep), batch_size):
+        idx = keep[start : start + batch_size]
+        pixels = _pixels(data.images[torch.as_tensor(idx)], device)
+        true_s.append(policy(pixels, **policy.tokenize([prompts[i] for i in idx])).mean.cpu())
+        swapped = [swap_eye(prompts[i]) for i in idx]
+        swap_s.append(policy(pixels, **policy.tokenize(swapped)).mean.cpu())
+    true, swap = torch.cat(true_s).numpy(), torch.cat(swap_s).numpy()
+    lower, below = swap < true, swap < 0.5
+    return {
+        "n": len(keep),
+        "lower": float(lower.mean()),
+        "below_half": float(below.mean()),
+        "detected": float((lower | below).mean()),
+        "mean_true": float(true.mean()),
+        "mean_swapped": float(swap.mean()),
+    }
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -373,7 +455,18 @@ def _train_one_objective(
     ali_train: Batchable,
     ali_test: Batchable,
     device: torch.device,
+    *,
+    alignment_objective: str | None = None,
+    pretrain_pairs: tuple[torch.Tensor, list[str]] | None = None,
+    test_prompts: Sequence[str] = (),
 ) -> tuple[dict[str, Any], QualitySelector, AlignmentPolicy]:
+    """One objective: the selector, then the alignment policy (pre-training, stages 1, 2).
+
+    ``alignment_objective`` (default ``objective``) trains the alignment policy;
+    ``pretrain_pairs`` (uint8 images, prompts) are its contrastive pre-training pairs;
+    ``test_prompts`` (those of ``ali_test``) give the eye-swap check of the report.
+    """
+    ali_objective = alignment_objective or objective
     t0 = time.perf_counter()
     _seed_all(cfg.seed)
     selector = build_selector(cfg).to(device)
@@ -389,9 +482,16 @@ def _train_one_objective(
 
     _seed_all(cfg.seed + 1)
     policy = build_alignment(cfg).to(device)
+    pretrain: dict[str, Any] = {"epochs": 0}
+    if pretrain_pairs is not None and cfg.pretrain_epochs > 0:
+        pretrain = pretrain_towers(policy, *pretrain_pairs, cfg, device=device, seed=cfg.seed + 1)
+        pretrain["manifest"] = cfg.pretrain_manifest
+        log.info("contrastive pre-training: %s", pretrain)
+    tower_lr = cfg.tower_lr_scale if pretrain["epochs"] else 1.0
     stage1 = fit(
-        policy, ali_train, cfg, objective, cfg.stage1_epochs, device=device,
-        desc=f"alignment stage 1 ({objective})", seed=cfg.seed + 1,
+        policy, ali_train, cfg, ali_objective, cfg.stage1_epochs, device=device,
+        desc=f"alignment stage 1 ({ali_objective})", seed=cfg.seed + 1,
+        tower_lr_scale=tower_lr,
     )  # fmt: skip
     passed = np.flatnonzero(predict(selector, ali_train.images_only(), device) >= cfg.threshold)
     log.info(
@@ -399,8 +499,9 @@ def _train_one_objective(
         objective, len(passed), len(ali_train), cfg.threshold,
     )  # fmt: skip
     stage2 = fit(
-        policy, ali_train.subset(passed), cfg, objective, cfg.stage2_epochs, device=device,
-        desc=f"alignment stage 2 ({objective})", seed=cfg.seed + 2,
+        policy, ali_train.subset(passed), cfg, ali_objective, cfg.stage2_epochs, device=device,
+        desc=f"alignment stage 2 ({ali_objective})", seed=cfg.seed + 2,
+        tower_lr_scale=tower_lr,
     )  # fmt: skip
     ali_pred = predict(policy, ali_test, device)
     ali_metrics = agreement_metrics(ali_pred, ali_test.target.numpy(), cfg.threshold)
@@ -413,6 +514,10 @@ def _train_one_objective(
         "selector": {**sel_metrics, "train": sel_fit, "seconds": round(t1 - t0, 1)},
         "alignment": {
             **ali_metrics,
+            "objective": ali_objective,
+            "fusion": policy.fusion_kind,
+            "eye_swap": eye_swap_detection(policy, ali_test, test_prompts, device),
+            "pretrain": pretrain,
             "passed_selector": ali_metrics_passed,
             "stage1": stage1,
             "stage2": {**stage2, "passed": int(len(passed)), "of": len(ali_train)},
@@ -500,6 +605,16 @@ def train_rewards(
     ali_all = Batchable(images, alignment, tok["input_ids"], tok["attention_mask"])
     ali_train, ali_test = ali_all.subset(train_idx), ali_all.subset(test_idx)
 
+    pretrain_pairs = None
+    if cfg.pretrain_manifest and cfg.pretrain_epochs > 0:
+        pretrain_pairs = load_manifest_pairs(cfg.pretrain_manifest, size)
+        log.info(
+            "contrastive pre-training of the alignment towers on %d pairs of %s",
+            len(pretrain_pairs[1]), cfg.pretrain_manifest,
+        )  # fmt: skip
+    test_prompts = items["prompt"].iloc[test_idx].tolist()
+    ali_objective = cfg.objective if cfg.alignment_objective == "same" else cfg.alignment_objective
+
     objectives = [cfg.objective]
     if cfg.compare_objectives:
         objectives.append("regression" if cfg.objective == "reinforce" else "reinforce")
@@ -509,8 +624,10 @@ def train_rewards(
     config_dict = _config_dict(cfg)
     for objective in objectives:
         result, selector, policy = _train_one_objective(
-            objective, cfg, sel_train, sel_test, ali_train, ali_test, dev
-        )
+            objective, cfg, sel_train, sel_test, ali_train, ali_test, dev,
+            alignment_objective=ali_objective if objective == cfg.objective else None,
+            pretrain_pairs=pretrain_pairs, test_prompts=test_prompts,
+        )  # fmt: skip
         results[objective] = result
         where = out if objective == cfg.objective else out / f"compare-{objective}"
         common = {
@@ -529,6 +646,13 @@ def train_rewards(
 
     report: dict[str, Any] = {
         "objective": cfg.objective,
+        "alignment_objective": ali_objective,
+        "fusion": cfg.fusion,
+        "pretrain": {
+            "manifest": cfg.pretrain_manifest or None,
+            "epochs": cfg.pretrain_epochs if pretrain_pairs is not None else 0,
+            "pairs": 0 if pretrain_pairs is None else len(pretrain_pairs[1]),
+        },
         "ratings": int(len(frame)),
         "raters": sorted(frame["rater_id"].unique().tolist()),
         "pairs": int(len(items)),
@@ -589,6 +713,25 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(
                 f"{objective:<11} {model:<10} {num(m['spearman']):>8} {num(m['pearson']):>8} "
                 f"{num(m['mae']):>6} {num(m['pass_accuracy']):>8} {m['seconds']:>6}"
+            )
+    for objective, result in report["results"].items():
+        ali = result["alignment"]
+        pre = ali.get("pretrain") or {}
+        if pre.get("epochs"):
+            last = pre.get("last_epoch", {})
+            lines.append(
+                f"{objective}: alignment towers pre-trained contrastively on {pre['pairs']} "
+                f"pairs of {pre.get('manifest')} for {pre['epochs']} epochs "
+                f"({pre.get('seconds')} s; last epoch loss {num(last.get('loss'))}, "
+                f"eye accuracy {num(last.get('eye_accuracy'))})"
+            )
+        swap = ali.get("eye_swap") or {}
+        if swap.get("n"):
+            lines.append(
+                f"{objective}: alignment ({ali.get('fusion')} fusion, {ali.get('objective')}) "
+                f"scores the eye-swapped prompt lower on {num(swap['lower'])} and below 0.5 on "
+                f"{num(swap['below_half'])} of {swap['n']} held-out faithful pairs "
+                f"(detected {num(swap['detected'])})"
             )
     ratio = report.get("reinforce_over_regression")
     if ratio:

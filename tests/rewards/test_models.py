@@ -85,10 +85,20 @@ def test_value_head_is_separate_from_the_policy(tiny_rewards):
         assert not torch.allclose(after.value, before.value)
 
 
-def test_alignment_policy_shapes_follow_the_config():
-    cfg = tiny_rewards_cfg(fusion_hidden=(24, 12), value_hidden=6)
+@pytest.mark.parametrize(
+    ("fusion", "pooling"), [("concat", "mean"), ("concat", "grid"), ("interaction", "grid")]
+)
+def test_alignment_policy_shapes_follow_the_config(fusion, pooling):
+    cfg = tiny_rewards_cfg(
+        fusion_hidden=(24, 12), value_hidden=6, fusion=fusion, alignment_pooling=pooling,
+        fusion_dim=10,
+    )  # fmt: skip
     model = build_alignment(cfg)
-    fused = cfg.vision.hidden_size + cfg.text_encoder.hidden_size
+    image = cfg.vision.hidden_size * (4 if pooling == "grid" else 1)
+    fused = image + cfg.text_encoder.hidden_size if fusion == "concat" else 4 * 10
+    if fusion == "interaction":
+        assert model.image_proj.in_features == image and model.image_proj.out_features == 10
+        assert model.text_proj.in_features == cfg.text_encoder.hidden_size
     linears = [m for m in model.fusion if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(fused, 24), (24, 12)]
     assert (

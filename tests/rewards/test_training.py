@@ -188,6 +188,7 @@ def test_train_rewards_end_to_end(tmp_path, rating_pool):
     ]
     assert report["images"] == 24 and report["heldout_images"] == 6
     assert set(report["results"]) == {"reinforce", "regression"}
+    assert report["pretrain"]["epochs"] == 0  # no manifest: no contrastive pre-training
     for result in report["results"].values():
         for model in ("selector", "alignment"):
             assert result[model]["n"] > 0
@@ -219,3 +220,24 @@ def test_train_rewards_names_missing_images(tmp_path, rating_pool):
             copy / "ratings.csv", None, tmp_path / "out", tiny_rewards_cfg(), device="cpu"
         )
     assert "pool-00001.png" in str(err.value) and "pool-00002.png" in str(err.value)
+
+
+def test_train_rewards_pretrains_the_alignment_towers_on_a_manifest(tmp_path, rating_pool):
+    from generators.datasets import ingest_csv
+    from generators.phantom import write_demo_dataset
+
+    pool, csv = rating_pool
+    write_demo_dataset(tmp_path / "data", count=16, size=32, seed=1)
+    manifest = tmp_path / "data" / "manifest.parquet"
+    ingest_csv(tmp_path / "data" / "data.csv", root=tmp_path / "data", out=manifest)
+    cfg = tiny_rewards_cfg(
+        pretrain_manifest=str(manifest), pretrain_epochs=2, pretrain_batch_size=8,
+        compare_objectives=False, alignment_objective="ranking",
+    )  # fmt: skip
+    report = train_rewards(csv, pool, tmp_path / "rewards", cfg, device="cpu")
+    assert report["pretrain"] == {"manifest": str(manifest), "epochs": 2, "pairs": 16}
+    assert report["alignment_objective"] == "ranking" and report["fusion"] == "interaction"
+    ali = report["results"]["reinforce"]["alignment"]
+    assert ali["objective"] == "ranking" and ali["pretrain"]["steps"] == 4
+    assert ali["eye_swap"]["n"] > 0 and 0 <= ali["eye_swap"]["detected"] <= 1
+    assert "pre-trained contrastively on 16 pairs" in format_report(report)
