@@ -204,5 +204,36 @@ class FinetuneConfig:
     vae_steps: int = _f(600, "VAE steps before the UNet when no pretrained VAE is given", min=0)
     vae_lr: float = _f(2e-3, "VAE learning rate", min=0.0)
     vae_batch_size: int = _f(16, "VAE images per step", min=1)
-    vae_kl_weight: float = _f(1e-6, "weight of the KL term in the VAE loss", min=0.0)
+    vae_kl_weight: float = _f(
+        1e-6, "weight of the KL term (per latent element, mean-reduced) in the VAE loss", min=0.0
+    )
+    vae_l1_weight: float = _f(1.0, "weight of the pixel L1 in the VAE loss", min=0.0)
+    vae_mse_weight: float = _f(
+        0.0, "weight of the pixel MSE in the VAE loss (the recipe before issue 10: 1.0)", min=0.0
+    )
+    vae_laplacian_weight: float = _f(
+        1.0,
+        "weight of the Laplacian-pyramid L1 (edges, the phantom's vessels) in the VAE loss "
+        "(0: off, the recipe before issue 10)",
+        min=0.0,
+    )
+    vae_laplacian_levels: int = _f(3, "band-pass levels of the Laplacian pyramid", min=1)
+    vae_disc_weight: float = _f(
+        0.5,
+        "weight of the PatchGAN hinge loss on the decoder, times the LDM adaptive weight "
+        "(0: no discriminator, the recipe before issue 10)",
+        min=0.0,
+    )
+    vae_disc_start: int = _f(
+        100,
+        "VAE step from which the discriminator trains and its loss reaches the decoder "
+        "(0: from the first step; >= vae_steps: never)",
+        min=0,
+    )
+    vae_disc_lr: float = _f(5e-4, "discriminator learning rate (Adam, betas 0.5, 0.9)", min=0.0)
+    vae_disc_channels: int = _f(32, "channels of the discriminator's first layer", min=4)
+    vae_disc_layers: int = _f(2, "stride-2 layers of the PatchGAN discriminator", min=1, max=5)
+    vae_disc_max_weight: float = _f(
+        1e4, "clamp of the LDM adaptive weight of the adversarial term", min=0.0
+    )
     num_workers: int = _f(0, "DataLoader worker processes", min=0)

@@ -2,8 +2,11 @@
 
 Two stages, as in the MSDM recipe of the Prompt-to-Polyp study (VAE first, then UNet):
 
-1. **VAE** (only when the config gives no pretrained VAE, i.e. the demo): reconstruction
-   (L1 + MSE) plus a small KL term. A randomly initialised decoder cannot express what
+1. **VAE** (only when the config gives no pretrained VAE, i.e. the demo): the
+   latent-diffusion autoencoder recipe on a CPU budget (``train_vae``): pixel L1, a
+   Laplacian-pyramid L1 that keeps edges, a very small KL term and, from
+   ``finetune.vae_disc_start`` on, a small PatchGAN discriminator with the LDM adaptive
+   weight (docs/generator.md, "The demo VAE"). A randomly initialised decoder cannot express what
    the latents say (its GroupNorm washes most of it out), so nothing downstream could
    learn through it. Afterwards the latent scaling factor is set to 1 / std of the
    training latents, as Stable Diffusion's 0.18215 was chosen.
@@ -55,6 +58,8 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 VAE_DIR = "vae"
+#: the VAE's training state (VAE, discriminator, optimizers) while stage 1 runs
+VAE_STATE_DIR = "vae-train"
 #: step-seed stride: generator for UNet step s is seeded with seed * STRIDE + s
 _STRIDE = 1_000_003
 
@@ -164,6 +169,40 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 # --------------------------------------------------------------------------- stage 1: VAE
 
 
+def _vae_disc_on(cfg: FinetuneConfig) -> bool:
+    return cfg.vae_disc_weight > 0 and cfg.vae_disc_start < cfg.vae_steps
+
+
+def _save_vae_state(tmp: Path, vae, disc, opt, sched, d_opt, step: int) -> None:
+    save_file(
+        {k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp / "vae.safetensors")
+    )
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step}
+    if disc is not None:
+        save_file(
+            {k: v.contiguous() for k, v in disc.state_dict().items()},
+            str(tmp / "discriminator.safetensors"),
+        )
+        state["disc_optimizer"] = d_opt.state_dict()
+    torch.save(state, tmp / "state.pt")
+    (tmp / "step.json").write_text(json.dumps({"step": step}))
+
+
+def _load_vae_state(path: Path, vae, disc, opt, sched, d_opt) -> int:
+    vae.load_state_dict(load_file(str(path / "vae.safetensors")))
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if disc is not None:
+        if not (path / "discriminator.safetensors").is_file():
+            raise ValueError(
+                f"{path} has no discriminator but finetune.vae_disc_weight > 0; use a new run.name"
+            )
+        disc.load_state_dict(load_file(str(path / "discriminator.safetensors")))
+        d_opt.load_state_dict(state["disc_optimizer"])
+    return int(state["step"])
+
+
 def train_vae(
     gen: Generator,
     data: ImageTextData,
@@ -171,9 +210,34 @@ def train_vae(
     seed: int,
     writer=None,
     metrics: list | None = None,
+    ckpt_dir: str | os.PathLike | None = None,
+    stop_after: int | None = None,
 ) -> float:
-    """Train the VAE on the images; returns the latent scaling factor it sets."""
+    """Train the VAE on the images; returns the latent scaling factor it sets.
+
+    The loss (``finetune.vae_*``; :mod:`generators.vae_loss`): ``vae_l1_weight`` * pixel L1
+    + ``vae_mse_weight`` * MSE + ``vae_laplacian_weight`` * Laplacian-pyramid L1 +
+    ``vae_kl_weight`` * KL per latent element, and from step ``vae_disc_start`` on (when
+    ``vae_disc_weight`` > 0) ``vae_disc_weight`` * the LDM adaptive weight * the PatchGAN
+    hinge generator loss, while the discriminator trains on real images against the
+    reconstructions. Step ``s`` draws its images and noise from ``(seed, s)``.
+
+    ``ckpt_dir``: every ``checkpoint_every`` steps the VAE, the discriminator and both
+    optimizers are committed there, and a call with the same directory resumes from the
+    newest (exactly: an interrupted run ends where the uninterrupted one would).
+    ``stop_after``: return after this many steps (before the scaling factor; tests,
+    interruption) without touching the learning-rate schedule.
+    """
+    from generators.vae_loss import (
+        PatchDiscriminator,
+        adaptive_weight,
+        generator_loss,
+        hinge_d_loss,
+        laplacian_pyramid_loss,
+    )
+
     vae = gen.vae
+    device = gen.device
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -184,8 +248,23 @@ def train_vae(
             * (1 + math.cos(math.pi * s / cfg.vae_steps))
         ),
     )
-    device = gen.device
-    bar = tqdm(range(cfg.vae_steps), desc="VAE", leave=False)
+    disc = d_opt = None
+    if _vae_disc_on(cfg):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * _STRIDE + 11)  # the discriminator's init
+            disc = PatchDiscriminator(3, cfg.vae_disc_channels, cfg.vae_disc_layers).to(device)
+        disc.train()
+        d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.vae_disc_lr, betas=(0.5, 0.9))
+    last_layer = vae.decoder.conv_out.weight
+    start = 0
+    ckpt_root = Path(ckpt_dir) if ckpt_dir is not None else None
+    if ckpt_root is not None:
+        latest = latest_checkpoint(ckpt_root)
+        if latest is not None:
+            start = _load_vae_state(latest, vae, disc, opt, sched, d_opt)
+            log.info("VAE: resuming from %s at step %d", latest, start)
+    end = cfg.vae_steps if stop_after is None else min(cfg.vae_steps, stop_after)
+    bar = tqdm(range(start, end), desc="VAE", initial=start, total=cfg.vae_steps, leave=False)
     for step in bar:
         g = _step_generator(seed, step, salt=1)
         x, _ = data.batch(_batch_indices(len(data), cfg.vae_batch_size, g))
@@ -195,22 +274,60 @@ def train_vae(
             device
         )
         recon = vae.decode(z).sample
-        rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        rec = cfg.vae_l1_weight * F.l1_loss(recon, x)
+        if cfg.vae_mse_weight > 0:
+            rec = rec + cfg.vae_mse_weight * F.mse_loss(recon, x)
+        if cfg.vae_laplacian_weight > 0:
+            rec = rec + cfg.vae_laplacian_weight * laplacian_pyramid_loss(
+                recon, x, cfg.vae_laplacian_levels
+            )
         kl = posterior.kl().mean() / z[0].numel()
         loss = rec + cfg.vae_kl_weight * kl
+        disc_active = disc is not None and step >= cfg.vae_disc_start
+        g_loss = d_weight = d_loss = torch.zeros((), device=device)
+        if disc_active:
+            disc.requires_grad_(False)
+            g_loss = generator_loss(disc(recon))
+            d_weight = adaptive_weight(rec, g_loss, last_layer, cfg.vae_disc_max_weight)
+            loss = loss + cfg.vae_disc_weight * d_weight * g_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
-        if step % cfg.log_every == 0 or step == cfg.vae_steps - 1:
+        if disc_active:
+            disc.requires_grad_(True)
+            d_loss = hinge_d_loss(disc(x), disc(recon.detach()))
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+        done = step + 1
+        if step % cfg.log_every == 0 or done == cfg.vae_steps:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+            values = {
+                "loss": loss.item(),
+                "rec": rec.item(),
+                "kl": kl.item(),
+                "g_loss": g_loss.item(),
+                "d_weight": d_weight.item(),
+                "d_loss": d_loss.item(),
+            }
             if writer is not None:
-                writer.add_scalar("vae/loss", loss.item(), step)
-                writer.add_scalar("vae/kl", kl.item(), step)
+                for k, v in values.items():
+                    writer.add_scalar(f"vae/{k}", v, step)
             if metrics is not None:
-                metrics.append({"stage": "vae", "step": step, "loss": loss.item(), "kl": kl.item()})
+                metrics.append({"stage": "vae", "step": step, **values})
+        if ckpt_root is not None and (done % cfg.checkpoint_every == 0 or done == end):
+            commit_checkpoint(
+                ckpt_root,
+                f"step-{done:06d}",
+                lambda tmp, done=done: _save_vae_state(tmp, vae, disc, opt, sched, d_opt, done),
+                keep=1,
+            )
+    bar.close()
+    if end < cfg.vae_steps:
+        return float("nan")
     vae.eval().requires_grad_(False)
     # scaling factor: 1 / std of the training latents
     with torch.no_grad():
@@ -395,7 +512,8 @@ def finetune(
             log.info("VAE: resumed the trained VAE from %s", vae_dir)
         elif ft.vae_steps > 0:
             t0 = time.time()
-            factor = train_vae(gen, data, ft, seed, writer, metrics)
+            vae_state = ckpt_root / VAE_STATE_DIR
+            factor = train_vae(gen, data, ft, seed, writer, metrics, ckpt_dir=vae_state)
             psnr = reconstruction_psnr(gen, data.batch(torch.arange(min(len(data), 64)))[0])
             log.info(
                 "VAE: %d steps in %.0f s, train PSNR %.1f dB, scaling factor %.3f",
@@ -411,6 +529,7 @@ def finetune(
             tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".vae."))
             gen.vae.save_pretrained(tmp, safe_serialization=True)
             os.replace(tmp, vae_dir)
+            shutil.rmtree(vae_state, ignore_errors=True)  # the finished VAE supersedes it
         else:
             log.warning(
                 "no pretrained VAE and finetune.vae_steps=0: the UNet trains through a random decoder"
