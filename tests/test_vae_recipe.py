@@ -4,14 +4,15 @@ switched on at ``finetune.vae_disc_start``, and train_vae's resume with the disc
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from generators.config import FinetuneConfig, ModelConfig, VaeConfig
+from generators.config import FinetuneConfig, VaeConfig
 from generators.finetune import ImageTextData, latest_checkpoint, train_vae
-from generators.model import build_generator
+from generators.model import build_vae
 from generators.vae_loss import (
     PatchDiscriminator,
     adaptive_weight,
@@ -40,11 +41,12 @@ def _data() -> ImageTextData:
 
 
 def _gen():
-    model = ModelConfig(
-        resolution=RES,
-        vae=VaeConfig(block_out_channels=(8, 16), latent_channels=2, norm_num_groups=4),
+    """What train_vae uses of a Generator (its VAE, built as build_generator builds it)."""
+    torch.manual_seed(0)
+    vae = build_vae(
+        VaeConfig(block_out_channels=(8, 16), latent_channels=2, norm_num_groups=4), RES
     )
-    return build_generator(model, seed=0)
+    return SimpleNamespace(vae=vae, device=torch.device("cpu"), vae_untrained=True)
 
 
 def _cfg(**kw) -> FinetuneConfig:
