@@ -67,6 +67,48 @@ class RunSection:
 
 
 @dataclass(frozen=True)
+class DemoSection:
+    """What ``medrl demo`` adds around the packages' steps: the rating pool and rounds."""
+
+    generated_pool: bool = field(
+        default=True,
+        metadata={
+            "help": "rate the generator's own samples (fine-tune checkpoints x guidance "
+            "scales), VAE reconstructions and real anchors besides the phantom pool "
+            "(rewards.pools.write_generated_pool)"
+        },
+    )
+    pool_prompts: int = field(
+        default=16, metadata={"help": "prompts the generated pool draws", "min": 1}
+    )
+    phantom_pool: int = field(
+        default=480, metadata={"help": "phantoms of graded quality in the rating pool", "min": 1}
+    )
+    pretrain_on_manifest: bool = field(
+        default=True,
+        metadata={
+            "help": "pre-train the alignment towers contrastively on the fine-tuning "
+            "manifest (data.manifest_path) when rewards.pretrain_manifest is empty"
+        },
+    )
+    rating_rounds: int = field(
+        default=2,
+        metadata={
+            "help": "rounds of rate -> train rewards -> RL; rl.iterations are split "
+            "between them, and every round after the first rates the RL adapter's samples "
+            "(a blind sheet, `medrl ratings export-round`) and retrains on all rounds",
+            "min": 1,
+        },
+    )
+    round_prompts: int = field(
+        default=8, metadata={"help": "prompts of each later round's rating sheet", "min": 1}
+    )
+    round_per_prompt: int = field(
+        default=4, metadata={"help": "images per prompt on a round's rating sheet", "min": 1}
+    )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one medrl run needs; saved as config.yaml in every run directory."""
 
@@ -79,6 +121,7 @@ class RunConfig:
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    demo: DemoSection = field(default_factory=DemoSection)
 
     @property
     def run_dir(self) -> Path:

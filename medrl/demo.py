@@ -6,11 +6,18 @@ Steps (each skipped or resumed when its output is already there, so a rerun resu
 2. validate it into a Parquet manifest,
 3. fine-tune the generator (VAE, then UNet) into ``runs/<name>/``,
 4. generate a pool of samples for held-out prompts,
-5. write the demo rating pool with SIMULATED expert ratings and ingest them into the
-   ratings store (``rewards.ratings_db``),
-6. train the reward models (selector, alignment policy) into ``runs/<name>/rewards``,
+5. rate a pool with the SIMULATED expert (from pixels): phantoms of graded quality and
+   (``demo.generated_pool``) the generator's own samples, VAE reconstructions and real
+   anchors; ingest the ratings into the store (``rewards.ratings_db``),
+6. train the reward models (selector, alignment policy pre-trained on the manifest, the
+   OOD guard) into ``runs/<name>/rewards``,
 7. run the RL loop on a local Ray (``rl.num_samplers`` sampler actors, the reward
-   service, a DeepSpeed learner under Ray Train),
+   service, a DeepSpeed learner under Ray Train) in ``demo.rating_rounds`` rounds: each
+   round after the first rates the RL adapter's samples on a blind sheet
+   (``data/rounds/<name>-round-<r>``), retrains the reward models on every rating so far
+   (``runs/<name>/rewards-round-<r>``) and resumes the RL against them; every adapter
+   version is judged on held-out prompts by the proxy and by the gold (the SIMULATED
+   expert), and the best by gold is kept in ``runs/<name>/rl/best``,
 8. export the RL adapter (diffusers and kohya formats) to ``runs/<name>/export``.
 
 It opens nothing; it prints where the results are.
@@ -18,6 +25,7 @@ It opens nothing; it prints where the results are.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -92,7 +100,7 @@ def run_demo(cfg: RunConfig) -> dict[str, Path]:
     comparison = _real_vs_generated(val, samples, run_dir / "samples" / "real-vs-generated.png")
 
     rewards_dir = _reward_models(cfg, run_dir)
-    rl = _rl(cfg, run_dir)
+    rl = _rl(cfg, run_dir, rewards_dir)
     paths = {
         "data": data_root,
         "manifest": manifest,
@@ -104,6 +112,8 @@ def run_demo(cfg: RunConfig) -> dict[str, Path]:
         "ratings": Path(cfg.rewards.ratings_db),
         "rewards": rewards_dir,
         "rl_adapter": rl["adapter"],
+        "rl_best": run_dir / "rl" / "best",
+        "rl_eval_grids": run_dir / "rl" / "eval",
         "export": rl["export"],
         "metrics": run_dir / "metrics.jsonl",
         "tensorboard": run_dir / "tb",
@@ -117,40 +127,107 @@ def run_demo(cfg: RunConfig) -> dict[str, Path]:
     return paths
 
 
-def _reward_models(cfg: RunConfig, run_dir: Path) -> Path:
-    """Steps 5-6: the SIMULATED expert rates a phantom pool; the reward models learn from it."""
+def _ingest(csv: Path, db: Path, images_from: Path | None = None) -> None:
+    """Ratings into the store, image paths relative to the store's folder (one root)."""
     from rewards.ratings import ingest_ratings
-    from rewards.simulated import write_demo_pool
-    from rewards.training import train_rewards
 
-    pool = Path(cfg.rewards.images_root or Path(cfg.data.root).parent / "demo-rating-pool")
-    ratings_csv = pool / "ratings.csv"
-    if not ratings_csv.is_file():
-        log.info("step 5/8: rating pool of phantoms with SIMULATED expert ratings in %s", pool)
-        write_demo_pool(pool, size=cfg.data.demo_size, seed=cfg.run.seed)
-    db = Path(cfg.rewards.ratings_db)
-    report = ingest_ratings(ratings_csv, db)  # re-ingesting the same file adds nothing
-    log.info("step 5/8: %s", report.summary())
-    out = run_dir / "rewards"
+    report = ingest_ratings(csv, db, images_root=db.parent, images_from=images_from)
+    log.info("%s", report.summary())  # re-ingesting the same file adds nothing
+
+
+def _train(cfg: RunConfig, db: Path, out: Path) -> Path:
+    from rewards.training import format_report, train_rewards
+
     if (out / "report.json").is_file():
-        log.info("step 6/8: reward models already in %s", out)
+        log.info("reward models already in %s", out)
         return out
-    log.info("step 6/8: training the reward models from %s", db)
-    train_rewards(db, pool, out, cfg.rewards, device=cfg.run.device)
+    rewards = cfg.rewards
+    if cfg.demo.pretrain_on_manifest and not rewards.pretrain_manifest:
+        rewards = dataclasses.replace(rewards, pretrain_manifest=str(cfg.data.manifest_path))
+    report = train_rewards(db, db.parent, out, rewards, device=cfg.run.device)
+    log.info("reward models in %s:\n%s", out, format_report(report))
     return out
 
 
-def _rl(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-    """Steps 7-8: RL on a local Ray (resumes from its last checkpoint), then export."""
+def _reward_models(cfg: RunConfig, run_dir: Path) -> Path:
+    """Steps 5-6: the SIMULATED expert rates a phantom pool and (``demo.generated_pool``)
+    the generator's own samples, reconstructions and real anchors; the reward models learn
+    from every rating in the store."""
+    from rewards.pools import write_generated_pool
+    from rewards.simulated import write_demo_pool
+
+    db = Path(cfg.rewards.ratings_db)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    pool = Path(cfg.rewards.images_root or Path(cfg.data.root).parent / "demo-rating-pool")
+    if not (pool / "ratings.csv").is_file():
+        log.info("step 5/8: rating pool of phantoms with SIMULATED expert ratings in %s", pool)
+        write_demo_pool(pool, count=cfg.demo.phantom_pool, size=cfg.data.demo_size,
+                        seed=cfg.run.seed)  # fmt: skip
+    _ingest(pool / "ratings.csv", db, images_from=pool)
+    if cfg.demo.generated_pool:
+        generated = pool.parent / f"{pool.name}-generated"
+        if not (generated / "ratings.csv").is_file():
+            log.info("step 5/8: the generator's own samples, rated from pixels, in %s", generated)
+            write_generated_pool(
+                run_dir, cfg.data.manifest_path, generated, prompts=cfg.demo.pool_prompts,
+                num_steps=cfg.sampling.num_steps, eta=cfg.sampling.eta,
+                batch_size=cfg.sampling.batch_size, seed=cfg.run.seed, device=cfg.run.device,
+            )  # fmt: skip
+        _ingest(generated / "ratings.csv", db, images_from=generated)
+    log.info("step 6/8: training the reward models from %s", db)
+    return _train(cfg, db, run_dir / "rewards")
+
+
+def round_ends(iterations: int, rounds: int) -> list[int]:
+    """The RL iteration each rating round ends at: ``iterations`` split as evenly as can be."""
+    rounds = max(1, min(rounds, iterations))
+    return [round(iterations * (r + 1) / rounds) for r in range(rounds)]
+
+
+def _rating_round(cfg: RunConfig, run_dir: Path, r: int) -> Path:
+    """Round ``r`` > 0: a blind sheet of the RL adapter's samples, filled by the SIMULATED
+    expert from the pixels, ingested; the reward models retrained on every round."""
+    from rewards.rounds import export_round, round_prompts
+    from rewards.simulated import simulate_ratings
+
+    db = Path(cfg.rewards.ratings_db)
+    name = f"round-{r}"
+    sheet_dir = db.parent / "rounds" / f"{cfg.run.name}-{name}"
+    if not (sheet_dir / "ratings.csv").is_file():
+        log.info("rating round %d: the RL adapter's samples on a blind sheet, %s", r, sheet_dir)
+        if not (sheet_dir / "sheet.csv").is_file():
+            prompts = round_prompts(cfg.data.manifest_path, cfg.demo.round_prompts,
+                                    cfg.run.seed + r, "train")  # fmt: skip
+            s = cfg.sampling
+            export_round(
+                run_dir / "generator", prompts, sheet_dir, round_name=name,
+                adapters=[str(run_dir / "rl" / "adapter")], per_prompt=cfg.demo.round_per_prompt,
+                num_steps=s.num_steps, eta=s.eta, guidance_scale=s.guidance_scale,
+                batch_size=s.batch_size, seed=cfg.run.seed + 1000 * r, device=cfg.run.device,
+            )  # fmt: skip
+        simulate_ratings(sheet_dir, sheet_dir / "ratings.csv", use_records=False)
+    _ingest(sheet_dir / "ratings.csv", db)
+    log.info("rating round %d: retraining the reward models on every round", r)
+    return _train(cfg, db, run_dir / f"rewards-{name}")
+
+
+def _rl(cfg: RunConfig, run_dir: Path, rewards_dir: Path) -> dict[str, Any]:
+    """Steps 7-8: rounds of RL on a local Ray (each resumes the last), then export."""
     from generators.lora import export_run_adapter
     from rl.loop import run_rl
 
-    log.info(
-        "step 7/8: %d RL iterations, %d samplers, reward = the trained reward models",
-        cfg.rl.iterations,
-        cfg.rl.num_samplers,
-    )
-    out = run_rl(cfg)
+    ends = round_ends(cfg.rl.iterations, cfg.demo.rating_rounds)
+    reward = rewards_dir
+    out: dict[str, Any] = {}
+    for r, end in enumerate(ends):
+        if r > 0:
+            reward = _rating_round(cfg, run_dir, r)
+        log.info(
+            "step 7/8: RL round %d/%d: iterations up to %d, %d samplers, reward = %s",
+            r + 1, len(ends), end, cfg.rl.num_samplers, reward,
+        )  # fmt: skip
+        rl = dataclasses.replace(cfg.rl, iterations=end, reward=str(reward))
+        out = run_rl(dataclasses.replace(cfg, rl=rl))
     export = run_dir / "export"
     log.info("step 8/8: exporting the RL adapter to %s", export)
     export_run_adapter(out["adapter"], export)
