@@ -24,6 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -120,12 +121,24 @@ def fit_ood_guard(
 
 @torch.no_grad()
 def selector_features(selector: torch.nn.Module, images: torch.Tensor, batch_size: int = 64):
-    """The selector's features of ``images`` (anything its ``inputs`` takes), in batches."""
+    """The selector's features of ``images``, in batches.
+
+    ``images``: anything the selector's ``inputs`` takes (float in [-1, 1]), or a uint8
+    (N, 3, H, W) tensor, converted a batch at a time (a large rated pool never exists as
+    floats all at once).
+    """
+
+    def batch(i: int) -> Any:
+        x = images[i : i + batch_size]
+        if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
+            x = x.float().div(127.5).sub(1.0)
+        return x
+
     was_training = selector.training
     selector.eval()
     try:
         parts = [
-            selector.features(selector.inputs(images[i : i + batch_size])["pixel_values"])
+            selector.features(selector.inputs(batch(i))["pixel_values"])
             for i in range(0, len(images), batch_size)
         ]
     finally:

@@ -63,6 +63,7 @@ from rewards.models import (
     save_reward_model,
     vision_input_size,
 )
+from rewards.ood import fit_ood_guard, selector_features
 from rewards.ratings import ASPECT_MAX, latest_per_rater, read_ratings
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,29 @@ def rating_targets(frame: pd.DataFrame) -> pd.DataFrame:
         from_faithfulness=("from_faithfulness", "sum"),
     )
     return out.reset_index()
+
+
+def image_source(generator_ckpt: str) -> str:
+    """Where a rated image came from, by its ``generator_ckpt``: ``phantom`` (empty or
+    ``phantom``), ``real``, ``reconstruction`` (``vae:...``) or ``generated`` (a generator
+    checkpoint or adapter)."""
+    ckpt = str(generator_ckpt or "").strip()
+    if ckpt in ("", "phantom"):
+        return "phantom"
+    if ckpt == "real":
+        return "real"
+    return "reconstruction" if ckpt.startswith("vae:") else "generated"
+
+
+def agreement_by_source(
+    pred: np.ndarray, target: np.ndarray, sources: Sequence[str], threshold: float
+) -> dict[str, dict[str, Any]]:
+    """:func:`agreement_metrics` of each image source apart (where it has held-out items)."""
+    sources = np.asarray(sources)
+    return {
+        src: agreement_metrics(pred[sources == src], target[sources == src], threshold)
+        for src in sorted(set(sources.tolist()))
+    }
 
 
 def holdout_split(
@@ -459,12 +483,15 @@ def _train_one_objective(
     alignment_objective: str | None = None,
     pretrain_pairs: tuple[torch.Tensor, list[str]] | None = None,
     test_prompts: Sequence[str] = (),
+    sources: dict[str, Sequence[str]] | None = None,
 ) -> tuple[dict[str, Any], QualitySelector, AlignmentPolicy]:
     """One objective: the selector, then the alignment policy (pre-training, stages 1, 2).
 
     ``alignment_objective`` (default ``objective``) trains the alignment policy;
     ``pretrain_pairs`` (uint8 images, prompts) are its contrastive pre-training pairs;
-    ``test_prompts`` (those of ``ali_test``) give the eye-swap check of the report.
+    ``test_prompts`` (those of ``ali_test``) give the eye-swap check of the report;
+    ``sources`` (``selector``: one per ``sel_test`` image, ``alignment``: one per
+    ``ali_test`` pair) split the held-out agreement by where the images came from.
     """
     ali_objective = alignment_objective or objective
     t0 = time.perf_counter()
@@ -474,9 +501,12 @@ def _train_one_objective(
         selector, sel_train, cfg, objective, cfg.epochs, device=device,
         desc=f"selector ({objective})", seed=cfg.seed,
     )  # fmt: skip
-    sel_metrics = agreement_metrics(
-        predict(selector, sel_test, device), sel_test.target.numpy(), cfg.threshold
-    )
+    sel_pred = predict(selector, sel_test, device)
+    sel_metrics = agreement_metrics(sel_pred, sel_test.target.numpy(), cfg.threshold)
+    if sources is not None:
+        sel_metrics["by_source"] = agreement_by_source(
+            sel_pred, sel_test.target.numpy(), sources["selector"], cfg.threshold
+        )
     log.info("selector (%s): held-out Spearman %s", objective, sel_metrics["spearman"])
     t1 = time.perf_counter()
 
@@ -505,6 +535,10 @@ def _train_one_objective(
     )  # fmt: skip
     ali_pred = predict(policy, ali_test, device)
     ali_metrics = agreement_metrics(ali_pred, ali_test.target.numpy(), cfg.threshold)
+    if sources is not None:
+        ali_metrics["by_source"] = agreement_by_source(
+            ali_pred, ali_test.target.numpy(), sources["alignment"], cfg.threshold
+        )
     test_passed = predict(selector, ali_test.images_only(), device) >= cfg.threshold
     ali_metrics_passed = agreement_metrics(
         ali_pred[test_passed], ali_test.target.numpy()[test_passed], cfg.threshold
@@ -579,6 +613,8 @@ def train_rewards(
         len(frame), len(items), frame["rater_id"].nunique(), len(train_idx), len(test_idx),
     )  # fmt: skip
 
+    ckpt_of = frame.drop_duplicates("image_path").set_index("image_path")["generator_ckpt"]
+    item_source = [image_source(ckpt_of.get(p, "")) for p in items["image_path"]]
     size = vision_input_size(cfg.vision)
     images = load_images(root, items["image_path"].tolist(), size)
     alignment = torch.tensor(items["alignment"].to_numpy(), dtype=torch.float32)
@@ -613,6 +649,10 @@ def train_rewards(
             len(pretrain_pairs[1]), cfg.pretrain_manifest,
         )  # fmt: skip
     test_prompts = items["prompt"].iloc[test_idx].tolist()
+    sources = {
+        "selector": [item_source[i] for i in first[image_held]],
+        "alignment": [item_source[i] for i in test_idx],
+    }
     ali_objective = cfg.objective if cfg.alignment_objective == "same" else cfg.alignment_objective
 
     objectives = [cfg.objective]
@@ -626,7 +666,7 @@ def train_rewards(
         result, selector, policy = _train_one_objective(
             objective, cfg, sel_train, sel_test, ali_train, ali_test, dev,
             alignment_objective=ali_objective if objective == cfg.objective else None,
-            pretrain_pairs=pretrain_pairs, test_prompts=test_prompts,
+            pretrain_pairs=pretrain_pairs, test_prompts=test_prompts, sources=sources,
         )  # fmt: skip
         results[objective] = result
         where = out if objective == cfg.objective else out / f"compare-{objective}"
@@ -643,6 +683,10 @@ def train_rewards(
             "selector": str(where / "selector"),
             "alignment": str(where / "alignment"),
         }
+        if objective == cfg.objective:  # the guard of the reward the RL will use
+            guard = fit_ood_guard(selector_features(selector, sel_all.images), cfg.ood_quantile)
+            guard.save(out)
+            ood = {"pool_size": guard.pool_size, "quantile": guard.quantile, "edge": guard.edge}
 
     report: dict[str, Any] = {
         "objective": cfg.objective,
@@ -663,6 +707,10 @@ def train_rewards(
         "heldout_images": int(len(sel_test)),
         "alignment_target_from_faithfulness": int((items["from_faithfulness"] > 0).sum()),
         "threshold": cfg.threshold,
+        "sources": {
+            k: int(v) for k, v in pd.Series(item_source).value_counts().sort_index().items()
+        },
+        "ood_guard": ood,
         "results": results,
         "checkpoints": checkpoints,
     }
@@ -733,6 +781,23 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{num(swap['below_half'])} of {swap['n']} held-out faithful pairs "
                 f"(detected {num(swap['detected'])})"
             )
+    main = report["results"].get(report["objective"], {})
+    for model in ("selector", "alignment"):
+        by_source = (main.get(model) or {}).get("by_source") or {}
+        if len(by_source) > 1:  # one source: the table above already says it
+            lines.append(
+                f"{report['objective']}: {model} held-out Spearman by image source: "
+                + ", ".join(
+                    f"{src} {num(m['spearman'], '.2f')} (n={m['n']})"
+                    for src, m in by_source.items()
+                )
+            )
+    guard = report.get("ood_guard")
+    if guard:
+        lines.append(
+            f"OOD guard: fitted on the selector features of {guard['pool_size']} rated images, "
+            f"edge {guard['edge']:.2f} (the pool's {guard['quantile']:g} quantile distance)"
+        )
     ratio = report.get("reinforce_over_regression")
     if ratio:
         lines.append(

@@ -14,10 +14,13 @@ from rewards.models import RewardModels, build_alignment, build_selector
 from rewards.ratings import read_ratings
 from rewards.training import (
     REPORT_FILE,
+    agreement_by_source,
     agreement_metrics,
     agreement_reward,
     format_report,
     holdout_split,
+    image_source,
+    load_images,
     policy_gradient_loss,
     rating_targets,
     regression_loss,
@@ -166,6 +169,18 @@ def test_rating_targets_average_raters_latest_rating_and_faithfulness(tmp_path):
     assert targets.loc["q", "from_faithfulness"] == 0
 
 
+def test_image_source_and_agreement_by_source():
+    assert [image_source(c) for c in ("", "phantom", "real", "vae:runs/x/generator", "runs/x/rl/adapter")] == [
+        "phantom", "phantom", "real", "reconstruction", "generated"
+    ]  # fmt: skip
+    pred = np.array([0.1, 0.2, 0.3, 0.9, 0.8, 0.7])
+    target = np.array([0.0, 0.5, 1.0, 0.0, 0.5, 1.0])
+    by = agreement_by_source(pred, target, ["phantom"] * 3 + ["generated"] * 3, 0.5)
+    assert by["phantom"]["spearman"] == pytest.approx(1.0)
+    assert by["generated"]["spearman"] == pytest.approx(-1.0)
+    assert by["generated"]["n"] == 3
+
+
 def test_holdout_split_keeps_an_image_on_one_side():
     paths = ["a", "a", "b", "c", "c", "d", "e"]
     train, held = holdout_split(paths, 0.4, seed=0)
@@ -198,6 +213,18 @@ def test_train_rewards_end_to_end(tmp_path, rating_pool):
     assert json.loads((out / REPORT_FILE).read_text())["ratings"] == report["ratings"]
     assert (out / "compare-regression" / "selector" / "model.safetensors").is_file()
     assert "REINFORCE / regression" in format_report(report)
+    # the OOD guard of the reward the RL uses: fitted on every rated image's selector features
+    from rewards.ood import OODGuard, selector_features
+
+    guard = OODGuard.load(out)
+    assert guard is not None and guard.pool_size == report["images"] == 24
+    assert report["ood_guard"]["edge"] == pytest.approx(guard.edge)
+    assert report["sources"] == {"phantom": report["pairs"]}
+    selector = RewardModels.load(out).selector
+    pool_images = load_images(pool, sorted(set(frame["image_path"])), selector.image_size)
+    inside = guard.distance(selector_features(selector, pool_images)) <= guard.edge + 1e-6
+    assert inside.float().mean() >= 0.9  # the 0.99 quantile edge: (nearly) all inside
+    assert "OOD guard: fitted on the selector features of 24 rated images" in format_report(report)
 
     rewards = RewardModels.load(out)
     assert rewards.threshold == cfg.threshold
