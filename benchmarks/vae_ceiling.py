@@ -21,42 +21,22 @@ sharp a fundus the generator can draw. ``--json`` appends the numbers as one lin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from generators.finetune import (  # noqa: E402
-    ImageTextData,
-    reconstruction_psnr,
-    train_vae,
-    vae_reconstruct,
-)
+from generators.finetune import ImageTextData, train_vae  # noqa: E402
 from generators.images import make_grid, save_png, to_uint8  # noqa: E402
 from generators.model import build_generator  # noqa: E402
 from medrl.config import load_config  # noqa: E402
-from rewards.simulated import (  # noqa: E402
-    MEASURE_LEVELS,
-    SimulatedExpert,
-    measure_at_analysis_size,
-)
-
-
-def _sharpness(images: torch.Tensor) -> np.ndarray:
-    return np.array([measure_at_analysis_size(im)["sharpness"] for im in to_uint8(images)])
-
-
-def _quality(images: torch.Tensor, prompts: list[str]) -> np.ndarray:
-    expert = SimulatedExpert()
-    return np.array(
-        [expert.rate(p, image=im)[0] for p, im in zip(prompts, to_uint8(images), strict=True)]
-    )
+from medrl.demo_weights import measure_reconstructions  # noqa: E402
 
 
 def main() -> None:
@@ -81,16 +61,15 @@ def main() -> None:
     n = len(val) if args.images <= 0 else min(args.images, len(val))
     x, prompts = val.batch(torch.arange(n))
 
-    gen = build_generator(cfg.model, seed=cfg.run.seed)
+    # from scratch, never the shipped weights of model.vae.pretrained
+    vae = dataclasses.replace(cfg.model.vae, pretrained=None, subfolder=None)
+    gen = build_generator(dataclasses.replace(cfg.model, vae=vae), seed=cfg.run.seed)
     t0 = time.perf_counter()
     train_vae(gen, train, cfg.finetune, cfg.run.seed)
     seconds = time.perf_counter() - t0
-    recon_images = vae_reconstruct(gen, x)
-    real, recon = _sharpness(x), _sharpness(recon_images)
-    q_real, q_recon = _quality(x, prompts), _quality(recon_images, prompts)
-    fair = q_real >= 2
-    kept = float((q_recon[fair] >= 2).mean()) if fair.any() else float("nan")
-    psnr = reconstruction_psnr(gen, x)
+    m = measure_reconstructions(gen, x, prompts)
+    recon_images = m["reconstructions"]
+    psnr, kept = m["psnr"], m["fair_kept"] if m["fair_kept"] is not None else float("nan")
     ft = cfg.finetune
     print(  # after a newline: the VAE's progress bar (stderr) leaves the line unfinished
         f"\nVAE {list(cfg.model.vae.block_out_channels)}, {cfg.model.vae.layers_per_block} layer(s) "
@@ -101,13 +80,13 @@ def main() -> None:
     )
     print(f"held-out phantoms: {n}; PSNR of the reconstructions {psnr:.1f} dB")
     print(
-        f"sharpness, mean: originals {real.mean():.4f}, reconstructions {recon.mean():.4f} "
-        f"(median {np.median(recon):.4f}, max {recon.max():.4f}); the SIMULATED expert's "
-        f"'poor' line {MEASURE_LEVELS['sharpness'][1]}"
+        f"sharpness, mean: originals {m['sharpness_real']:.4f}, reconstructions "
+        f"{m['sharpness_recon']:.4f} (median {m['sharpness_recon_median']:.4f}, max "
+        f"{m['sharpness_recon_max']:.4f}); the SIMULATED expert's 'poor' line {m['poor_line']}"
     )
     print(
-        f"SIMULATED expert, fair-or-better: originals {int(fair.sum())}/{n}, reconstructions "
-        f"{int((q_recon >= 2).sum())}/{n}; of the fair-or-better originals, reconstructions "
+        f"SIMULATED expert, fair-or-better: originals {m['fair_real']}/{n}, reconstructions "
+        f"{m['fair_recon']}/{n}; of the fair-or-better originals, reconstructions "
         f"still fair-or-better: {kept:.0%}"
     )
     if args.grid is not None:
@@ -120,11 +99,11 @@ def main() -> None:
             "steps": ft.vae_steps,
             "seconds": round(seconds, 1),
             "psnr": round(psnr, 2),
-            "sharpness_real": float(real.mean()),
-            "sharpness_recon": float(recon.mean()),
-            "sharpness_recon_median": float(np.median(recon)),
-            "fair_real": int(fair.sum()),
-            "fair_recon": int((q_recon >= 2).sum()),
+            "sharpness_real": m["sharpness_real"],
+            "sharpness_recon": m["sharpness_recon"],
+            "sharpness_recon_median": m["sharpness_recon_median"],
+            "fair_real": m["fair_real"],
+            "fair_recon": m["fair_recon"],
             "fair_kept": kept,
             "n": n,
         }

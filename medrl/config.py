@@ -70,6 +70,19 @@ class RunSection:
 class DemoSection:
     """What ``medrl demo`` adds around the packages' steps: the rating pool and rounds."""
 
+    base_steps: int = field(
+        default=600,
+        metadata={
+            "help": "UNet (and text encoder) steps of the shipped base generator's recipe "
+            "(`make demo-weights`, medrl.demo_weights); the demo fine-tunes from that base "
+            "for finetune.steps",
+            "min": 1,
+        },
+    )
+    base_lr: float = field(
+        default=1e-3,
+        metadata={"help": "learning rate of the base generator's recipe", "min": 0.0},
+    )
     generated_pool: bool = field(
         default=True,
         metadata={

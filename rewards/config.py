@@ -179,8 +179,9 @@ class RewardsConfig:
     )
     pretrain_manifest: str = _f(
         "",
-        "manifest (`medrl data ingest`) whose image-text pairs pre-train the alignment "
-        "policy's two towers contrastively before the ratings (rewards/contrastive.py); "
+        "manifest (`medrl data ingest`) whose training-split image-text pairs pre-train "
+        "the alignment policy's two towers contrastively before the ratings "
+        "(rewards/contrastive.py); "
         "empty: no pre-training",
     )
     pretrain_epochs: int = _f(

@@ -643,7 +643,8 @@ def train_rewards(
 
     pretrain_pairs = None
     if cfg.pretrain_manifest and cfg.pretrain_epochs > 0:
-        pretrain_pairs = load_manifest_pairs(cfg.pretrain_manifest, size)
+        # the training split only: the held-out images stay unseen by every model
+        pretrain_pairs = load_manifest_pairs(cfg.pretrain_manifest, size, split="train")
         log.info(
             "contrastive pre-training of the alignment towers on %d pairs of %s",
             len(pretrain_pairs[1]), cfg.pretrain_manifest,

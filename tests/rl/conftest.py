@@ -28,6 +28,12 @@ RL_OVERRIDES = [
     "rl.eval_per_prompt=1",
     "rl.inner_epochs=1",
     "rl.reward=spatial",
+    # the tests' generators are built from the configs (their own 32 px VAE, an untrained
+    # UNet), not loaded from the demo's shipped base
+    "model.unet.pretrained=null",
+    "model.vae.pretrained=null",
+    "model.text_encoder.pretrained=null",
+    "model.text_encoder.tokenizer_subfolder=null",
 ]
 
 
