@@ -1,5 +1,6 @@
 """Quality of a fine-tuned demo generator: held-out VAE PSNR, Fréchet distance to the
-phantom against an untrained generator (ratio), laterality of generated images.
+phantom against the shipped base it started from and an untrained generator (ratio),
+laterality of generated images.
 
     python benchmarks/demo_quality.py runs/demo data/demo/manifest.parquet
 
@@ -23,6 +24,7 @@ from generators.model import build_generator, load_generator
 from generators.phantom import measure
 from generators.sampling import sample
 from medrl.config import load_config
+from medrl.demo_weights import from_scratch
 
 
 def main() -> None:
@@ -34,7 +36,8 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = load_config(f"{args.run}/config.yaml")
     gen = load_generator(f"{args.run}/generator")
-    untrained = build_generator(cfg.model, seed=0)
+    untrained = build_generator(from_scratch(cfg).model, seed=0)
+    shipped = build_generator(cfg.model, seed=0)  # the preset's base (pretrained paths)
     res = cfg.model.resolution
     val = ImageTextData.from_manifest(args.manifest, res, split="val")
     x = val.batch(torch.arange(len(val)))[0]
@@ -54,22 +57,25 @@ def main() -> None:
     seeds = list(range(len(prompts)))
     feats = FallbackFeatures()
     f_real = feats(real)
-    tuned = to_uint8(sample(gen, prompts, seeds, **kw).images)
-    base = to_uint8(sample(untrained, prompts, seeds, **kw).images)
-    fd_t, fd_u = frechet_distance(feats(tuned), f_real), frechet_distance(feats(base), f_real)
+    fd = {
+        name: frechet_distance(feats(to_uint8(sample(g, prompts, seeds, **kw).images)), f_real)
+        for name, g in (("fine-tuned", gen), ("base", shipped), ("untrained", untrained))
+    }
     print(
         f"Frechet distance to 96 phantoms (fallback features, {len(prompts)} images): "
-        f"fine-tuned {fd_t:.3f}, untrained {fd_u:.3f}, ratio {fd_t / fd_u:.4f}"
+        + ", ".join(f"{k} {v:.3f}" for k, v in fd.items())
+        + f"; fine-tuned / untrained {fd['fine-tuned'] / fd['untrained']:.4f}"
     )
 
     eyes = [f"colour fundus photograph, {e} eye" for e in ("left", "right")]
     lat_prompts = [eyes[i % 2] for i in range(32)]
-    imgs = to_uint8(sample(gen, lat_prompts, list(range(32)), **kw).images)
-    hits = [
-        measure(im)["laterality"] == ("left" if "left" in p else "right")
-        for im, p in zip(imgs, lat_prompts, strict=True)
-    ]
-    print(f"laterality of 32 generated images: {np.mean(hits):.2f} correct (chance 0.50)")
+    for name, g in (("fine-tuned", gen), ("base", shipped)):
+        imgs = to_uint8(sample(g, lat_prompts, list(range(32)), **kw).images)
+        hits = [
+            measure(im)["laterality"] == ("left" if "left" in p else "right")
+            for im, p in zip(imgs, lat_prompts, strict=True)
+        ]
+        print(f"laterality of 32 images, {name}: {np.mean(hits):.2f} correct (chance 0.50)")
 
 
 if __name__ == "__main__":

@@ -216,6 +216,13 @@ class RewardsConfig:
         "learns from the ratings after contrastive pre-training (keeps what it taught them)",
         min=0.0,
     )
+    pretrain_cache: str = _f(
+        "",
+        "directory keeping contrastively pre-trained alignment towers, one file per hash of "
+        "the pre-training pairs and the settings that shape them: a retraining with the same "
+        "manifest and settings (the next rating round) loads them instead of pre-training "
+        "again (empty: off)",
+    )
     service_replicas: int = _f(
         1, "reward service actors (Ray) or Serve replicas scoring in parallel", min=1
     )

@@ -32,6 +32,7 @@ mean absolute error, and the accuracy of the pass/fail decision at the threshold
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -46,6 +47,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
 from scipy import stats
 from tqdm.auto import tqdm
 
@@ -514,9 +517,7 @@ def _train_one_objective(
     policy = build_alignment(cfg).to(device)
     pretrain: dict[str, Any] = {"epochs": 0}
     if pretrain_pairs is not None and cfg.pretrain_epochs > 0:
-        pretrain = pretrain_towers(policy, *pretrain_pairs, cfg, device=device, seed=cfg.seed + 1)
-        pretrain["manifest"] = cfg.pretrain_manifest
-        log.info("contrastive pre-training: %s", pretrain)
+        pretrain = _pretrain_alignment(policy, pretrain_pairs, cfg, device)
     tower_lr = cfg.tower_lr_scale if pretrain["epochs"] else 1.0
     stage1 = fit(
         policy, ali_train, cfg, ali_objective, cfg.stage1_epochs, device=device,
@@ -559,6 +560,66 @@ def _train_one_objective(
         },
     }
     return result, selector, policy
+
+
+# rewards.* keys that do not shape the contrastively pre-trained towers (the cache key
+# leaves them out; a key missing here only makes the cache miss more often)
+_NOT_PRETRAIN = frozenset(
+    {
+        "ratings_db", "objective", "alignment_objective", "compare_objectives", "reward",
+        "regression_loss", "lr", "epochs", "stage1_epochs", "stage2_epochs", "batch_size",
+        "num_samples", "entropy_coef", "value_coef", "grad_clip", "threshold",
+        "quality_weight", "alignment_weight", "holdout_fraction", "ood_weight",
+        "ood_quantile", "tower_lr_scale", "pretrain_cache", "service_replicas",
+        "service_num_gpus", "service_batch_size",
+    }
+)  # fmt: skip
+
+
+def pretrain_key(cfg: RewardsConfig, pairs: tuple[torch.Tensor, list[str]]) -> str:
+    """Hash of the pre-training pairs (pixels, prompts) and the settings that shape them."""
+    settings = {k: v for k, v in _config_dict(cfg).items() if k not in _NOT_PRETRAIN}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update(json.dumps(list(pairs[1])).encode())
+    h.update(pairs[0].contiguous().numpy().tobytes())
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:32]
+
+
+def _pretrain_alignment(
+    policy: AlignmentPolicy,
+    pairs: tuple[torch.Tensor, list[str]],
+    cfg: RewardsConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Contrastive pre-training of ``policy``'s towers, or its result from
+    ``rewards.pretrain_cache`` when the same pairs and settings were pre-trained before."""
+    path = None
+    if cfg.pretrain_cache:
+        path = Path(cfg.pretrain_cache) / f"alignment-{pretrain_key(cfg, pairs)}.safetensors"
+    if path is not None and path.is_file():
+        load_model(policy, path, strict=True, device=str(device))
+        with safe_open(path, "pt") as fh:
+            stats_ = json.loads((fh.metadata() or {}).get("pretrain", "{}"))
+        stats_["cached"] = str(path)
+        log.info("contrastive pre-training: loaded from %s", path)
+    else:
+        stats_ = pretrain_towers(policy, *pairs, cfg, device=device, seed=cfg.seed + 1)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                save_model(policy, tmp, metadata={"pretrain": json.dumps(stats_)})
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        log.info("contrastive pre-training: %s", stats_)
+    stats_["manifest"] = cfg.pretrain_manifest
+    # stage 1 starts from the same random state whether the towers were trained or loaded
+    _seed_all(cfg.seed + 2)
+    return stats_
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -773,6 +834,7 @@ def format_report(report: dict[str, Any]) -> str:
                 f"pairs of {pre.get('manifest')} for {pre['epochs']} epochs "
                 f"({pre.get('seconds')} s; last epoch loss {num(last.get('loss'))}, "
                 f"eye accuracy {num(last.get('eye_accuracy'))})"
+                + (f"; loaded from {pre['cached']}" if pre.get("cached") else "")
             )
         swap = ali.get("eye_swap") or {}
         if swap.get("n"):

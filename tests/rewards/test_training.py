@@ -262,9 +262,48 @@ def test_train_rewards_pretrains_the_alignment_towers_on_a_manifest(tmp_path, ra
         compare_objectives=False, alignment_objective="ranking",
     )  # fmt: skip
     report = train_rewards(csv, pool, tmp_path / "rewards", cfg, device="cpu")
-    assert report["pretrain"] == {"manifest": str(manifest), "epochs": 2, "pairs": 16}
+    assert report["pretrain"] == {"manifest": str(manifest), "epochs": 2, "pairs": 14}  # train split
     assert report["alignment_objective"] == "ranking" and report["fusion"] == "interaction"
     ali = report["results"]["reinforce"]["alignment"]
-    assert ali["objective"] == "ranking" and ali["pretrain"]["steps"] == 4
+    assert ali["objective"] == "ranking" and ali["pretrain"]["steps"] == 2
     assert ali["eye_swap"]["n"] > 0 and 0 <= ali["eye_swap"]["detected"] <= 1
-    assert "pre-trained contrastively on 16 pairs" in format_report(report)
+    assert "pre-trained contrastively on 14 pairs" in format_report(report)
+
+
+def test_pretrain_cache_reproduces_the_pretrained_towers(tmp_path, rating_pool):
+    """A retraining with the same manifest and settings (the next rating round) loads the
+    pre-trained towers and ends with the very models of a run that pre-trained again; a
+    changed pre-training setting misses the cache."""
+    from safetensors.torch import load_file
+
+    from generators.datasets import ingest_csv
+    from generators.phantom import write_demo_dataset
+
+    pool, csv = rating_pool
+    write_demo_dataset(tmp_path / "data", count=16, size=32, seed=1)
+    manifest = tmp_path / "data" / "manifest.parquet"
+    ingest_csv(tmp_path / "data" / "data.csv", root=tmp_path / "data", out=manifest)
+    common = dict(
+        pretrain_manifest=str(manifest), pretrain_epochs=2, pretrain_batch_size=8,
+        compare_objectives=False, stage1_epochs=2, stage2_epochs=1, epochs=2,
+    )  # fmt: skip
+    cache = tmp_path / "cache"
+    plain = train_rewards(csv, pool, tmp_path / "plain", tiny_rewards_cfg(**common), device="cpu")
+    cfg = tiny_rewards_cfg(**common, pretrain_cache=str(cache))
+    first = train_rewards(csv, pool, tmp_path / "r0", cfg, device="cpu")
+    assert len(list(cache.glob("alignment-*.safetensors"))) == 1
+    assert "cached" not in first["results"]["reinforce"]["alignment"]["pretrain"]
+    again = train_rewards(csv, pool, tmp_path / "r1", cfg, device="cpu")
+    pre = again["results"]["reinforce"]["alignment"]["pretrain"]
+    assert pre["cached"].startswith(str(cache)) and pre["steps"] == 2
+    assert "loaded from" in format_report(again)
+    for run in ("r0", "r1"):
+        a = load_file(tmp_path / "plain" / "alignment" / "model.safetensors")
+        b = load_file(tmp_path / run / "alignment" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
+    spearman = plain["results"]["reinforce"]["alignment"]["spearman"]
+    assert again["results"]["reinforce"]["alignment"]["spearman"] == spearman
+
+    other = tiny_rewards_cfg(**common, pretrain_cache=str(cache), pretrain_lr=1e-4)
+    train_rewards(csv, pool, tmp_path / "r2", other, device="cpu")
+    assert len(list(cache.glob("alignment-*.safetensors"))) == 2
