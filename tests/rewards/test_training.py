@@ -262,7 +262,11 @@ def test_train_rewards_pretrains_the_alignment_towers_on_a_manifest(tmp_path, ra
         compare_objectives=False, alignment_objective="ranking",
     )  # fmt: skip
     report = train_rewards(csv, pool, tmp_path / "rewards", cfg, device="cpu")
-    assert report["pretrain"] == {"manifest": str(manifest), "epochs": 2, "pairs": 14}  # train split
+    assert report["pretrain"] == {
+        "manifest": str(manifest),
+        "epochs": 2,
+        "pairs": 14,
+    }  # train split
     assert report["alignment_objective"] == "ranking" and report["fusion"] == "interaction"
     ali = report["results"]["reinforce"]["alignment"]
     assert ali["objective"] == "ranking" and ali["pretrain"]["steps"] == 2
