@@ -18,7 +18,8 @@ Steps (each skipped or resumed when its output is already there, so a rerun resu
    (``runs/<name>/rewards-round-<r>``) and resumes the RL against them; every adapter
    version is judged on held-out prompts by the proxy and by the gold (the SIMULATED
    expert), and the best by gold is kept in ``runs/<name>/rl/best``,
-8. export the RL adapter (diffusers and kohya formats) to ``runs/<name>/export``.
+8. export the RL adapter the held-out judge rated best (``rl/best``; diffusers and kohya
+   formats) to ``runs/<name>/export``.
 
 It opens nothing; it prints where the results are.
 """
@@ -26,6 +27,7 @@ It opens nothing; it prints where the results are.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -144,6 +146,8 @@ def _train(cfg: RunConfig, db: Path, out: Path) -> Path:
     rewards = cfg.rewards
     if cfg.demo.pretrain_on_manifest and not rewards.pretrain_manifest:
         rewards = dataclasses.replace(rewards, pretrain_manifest=str(cfg.data.manifest_path))
+    if not rewards.pretrain_cache:  # the rating rounds reuse the towers' pre-training
+        rewards = dataclasses.replace(rewards, pretrain_cache=str(out.parent / "pretrain-cache"))
     report = train_rewards(db, db.parent, out, rewards, device=cfg.run.device)
     log.info("reward models in %s:\n%s", out, format_report(report))
     return out
@@ -213,8 +217,8 @@ def _rating_round(cfg: RunConfig, run_dir: Path, r: int) -> Path:
 
 def _rl(cfg: RunConfig, run_dir: Path, rewards_dir: Path) -> dict[str, Any]:
     """Steps 7-8: rounds of RL on a local Ray (each resumes the last), then export."""
-    from generators.lora import export_run_adapter
-    from rl.loop import run_rl
+    from generators.lora import ADAPTER_CONFIG, export_run_adapter
+    from rl.loop import BEST_DIR, run_rl
 
     ends = round_ends(cfg.rl.iterations, cfg.demo.rating_rounds)
     reward = rewards_dir
@@ -229,8 +233,19 @@ def _rl(cfg: RunConfig, run_dir: Path, rewards_dir: Path) -> dict[str, Any]:
         rl = dataclasses.replace(cfg.rl, iterations=end, reward=str(reward))
         out = run_rl(dataclasses.replace(cfg, rl=rl))
     export = run_dir / "export"
-    log.info("step 8/8: exporting the RL adapter to %s", export)
-    export_run_adapter(out["adapter"], export)
+    # the version the held-out judge rated best (gold where a gold judge runs), not merely
+    # the last: a round that hacked the proxy must not be what the demo hands on
+    best = run_dir / "rl" / BEST_DIR
+    chosen = best if (best / ADAPTER_CONFIG).is_file() else Path(out["adapter"])
+    if chosen == best:
+        meta = json.loads((best / ADAPTER_CONFIG).read_text())
+        log.info(
+            "step 8/8: exporting the best RL adapter (version %s by %s) to %s",
+            meta.get("version"), meta.get("selected_by"), export,
+        )  # fmt: skip
+    else:
+        log.info("step 8/8: exporting the final RL adapter to %s", export)
+    export_run_adapter(chosen, export)
     return {"adapter": out["adapter"], "export": export, "records": out["records"]}
 
 

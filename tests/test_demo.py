@@ -78,5 +78,6 @@ def test_demo_runs_two_rating_rounds_and_prints_proxy_and_gold(tmp_path, capsys,
     assert all("gold_combined" in r and "fd_real" in r for r in rl)
     best = json.loads((run / "rl" / "best" / "adapter_config.json").read_text())
     assert best["selected_by"] == "gold_combined"
-    assert (run / "export" / "pytorch_lora_weights.safetensors").is_file()
+    exported = (run / "export" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert exported == (run / "rl" / "best" / "pytorch_lora_weights.safetensors").read_bytes()
     assert os.path.isfile(run / "rl" / "eval" / "version-0002.png")
