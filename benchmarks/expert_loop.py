@@ -13,7 +13,9 @@ generator (``--run``/generator) for ``--iterations`` iterations against:
 - ``random``: the same loop with every training reward replaced by a uniform random
   number: how far gold drifts without a signal (the control);
 - ``gold``: the SIMULATED expert itself as the reward (quality + faithfulness, from
-  pixels): an upper bound of what the RL can do at this budget, never the product's reward.
+  pixels): an upper bound of what the RL can do at this budget, never the product's reward;
+- ``eye``: 1 when the image shows the prompt's eye (from pixels), else 0: whether the RL
+  can teach laterality at this budget given a perfect signal for it (a diagnostic).
 
 Every adapter version is judged on the same held-out prompts and seeds
 (``rl.eval_prompts`` x ``rl.eval_per_prompt`` images) by the gold judge (rl/gold.py), and
@@ -67,6 +69,22 @@ class GoldReward:
         return ScoreResult(scores, {})
 
 
+class EyeReward(GoldReward):
+    """The eye alone (1 when the image shows the prompt's eye, from pixels, else 0): can
+    the RL learn laterality at this budget with a perfect signal for it? A diagnostic."""
+
+    def score(self, images, prompts, ids):
+        from generators.images import to_uint8
+        from rewards.service import RewardScore, ScoreResult
+
+        scores = {}
+        for sid, img, p in zip(ids, to_uint8(images), prompts, strict=True):
+            q, _, eye = self.rate(img, p)
+            r = 0.5 if eye is None else float(eye)
+            scores[sid] = RewardScore(r, (q - 1) / 2, r, q >= 2)
+        return ScoreResult(scores, {})
+
+
 def near_copies(images: torch.Tensor, train_paths: list[str], size: int) -> int:
     """Generated images whose SSIM to a training image exceeds 0.95 (eval/privacy)."""
     from eval.features import FallbackFeatures
@@ -89,6 +107,8 @@ def run_once(cfg, inputs: dict, kind: str, seed: int) -> tuple[list[dict], torch
 
     if kind == "gold":
         reward = GoldReward()
+    elif kind == "eye":
+        reward = EyeReward()
     else:
         reward = build_reward(cfg.rl.reward, cfg.rewards)
         if kind == "random":
@@ -118,7 +138,7 @@ def main() -> None:
     parser.add_argument("--run", default="runs/demo", help="the demo run (generator, rewards)")
     parser.add_argument("--reward-dir", default="", help="reward models; empty: RUN/rewards")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--rewards", default="models,random", help="models, random, gold")
+    parser.add_argument("--rewards", default="models,random", help="models, random, gold, eye")
     parser.add_argument("--iterations", type=int, default=0, help="0: the config's")
     parser.add_argument("--out", default="", help="keep the runs here; empty: a temp dir")
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value)")
