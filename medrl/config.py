@@ -119,6 +119,16 @@ class DemoSection:
     round_per_prompt: int = field(
         default=4, metadata={"help": "images per prompt on a round's rating sheet", "min": 1}
     )
+    round_epochs_fraction: float = field(
+        default=0.25,
+        metadata={
+            "help": "each later round's reward models continue the previous round's "
+            "(rewards.init_from) for this share of rewards.epochs, stage1_epochs and "
+            "stage2_epochs; 1: retrain from scratch with the full epochs",
+            "min": 0.01,
+            "max": 1.0,
+        },
+    )
 
 
 @dataclass(frozen=True)

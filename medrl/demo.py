@@ -211,8 +211,24 @@ def _rating_round(cfg: RunConfig, run_dir: Path, r: int) -> Path:
             )  # fmt: skip
         simulate_ratings(sheet_dir, sheet_dir / "ratings.csv", use_records=False)
     _ingest(sheet_dir / "ratings.csv", db)
-    log.info("rating round %d: retraining the reward models on every round", r)
-    return _train(cfg, db, run_dir / f"rewards-{name}")
+    f = cfg.demo.round_epochs_fraction
+    if f >= 1:
+        log.info("rating round %d: retraining the reward models on every round", r)
+        return _train(cfg, db, run_dir / f"rewards-{name}")
+    previous = run_dir / ("rewards" if r == 1 else f"rewards-round-{r - 1}")
+    log.info(
+        "rating round %d: the reward models of %s continue on every round for %g of the epochs",
+        r, previous, f,
+    )  # fmt: skip
+    rw = cfg.rewards
+    rw = dataclasses.replace(
+        rw,
+        init_from=str(previous),
+        epochs=max(1, round(rw.epochs * f)),
+        stage1_epochs=max(1, round(rw.stage1_epochs * f)),
+        stage2_epochs=round(rw.stage2_epochs * f) if rw.stage2_epochs else 0,
+    )
+    return _train(dataclasses.replace(cfg, rewards=rw), db, run_dir / f"rewards-{name}")
 
 
 def _rl(cfg: RunConfig, run_dir: Path, rewards_dir: Path) -> dict[str, Any]:

@@ -223,6 +223,14 @@ class RewardsConfig:
         "manifest and settings (the next rating round) loads them instead of pre-training "
         "again (empty: off)",
     )
+    init_from: str = _f(
+        "",
+        "a previous `medrl rewards train` output directory: its selector and alignment "
+        "policy (same architecture) are where this training starts, so a rating round "
+        "continues the last round's models with fewer epochs instead of starting again "
+        "(no contrastive pre-training: the towers come with them; the hold-out split is "
+        "per image and stable, so held-out images stay unseen); empty: from scratch",
+    )
     service_replicas: int = _f(
         1, "reward service actors (Ray) or Serve replicas scoring in parallel", min=1
     )

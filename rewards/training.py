@@ -57,12 +57,14 @@ from generators.model import build_tokenizer, resolve_device
 from rewards.config import RewardsConfig
 from rewards.contrastive import load_manifest_pairs, pretrain_towers, swap_eye
 from rewards.models import (
+    WEIGHTS_FILE,
     AlignmentPolicy,
     PolicyOutput,
     QualitySelector,
     RewardModel,
     build_alignment,
     build_selector,
+    read_checkpoint_meta,
     save_reward_model,
     vision_input_size,
 )
@@ -223,14 +225,30 @@ def agreement_by_source(
 def holdout_split(
     image_paths: Sequence[str], fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, held out), split by image so one image never lands in both."""
+    """Indices (train, held out), split by image so one image never lands in both.
+
+    An image is held out when a hash of (``seed``, its path) falls below ``fraction``, so
+    its side never depends on the other images: a retraining on more ratings (the next
+    rating round, ``rewards.init_from``) keeps every held-out image held out. With two or
+    more images and ``fraction`` > 0, each side gets at least one.
+    """
     unique = sorted(set(image_paths))
-    order = np.random.default_rng([seed, 2]).permutation(len(unique))
-    n_out = round(fraction * len(unique))
+    if not unique:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    u = np.array(
+        [
+            int.from_bytes(hashlib.sha256(f"{seed}\0{p}".encode()).digest()[:8], "big") / 2**64
+            for p in unique
+        ]
+    )
+    is_held_u = u < fraction
     if fraction > 0 and len(unique) > 1:
-        n_out = min(max(n_out, 1), len(unique) - 1)
-    held = {unique[i] for i in order[:n_out]}
-    is_held = np.array([p in held for p in image_paths])
+        if not is_held_u.any():
+            is_held_u[np.argmin(u)] = True
+        if is_held_u.all():
+            is_held_u[np.argmax(u)] = False
+    held = {p for p, h in zip(unique, is_held_u, strict=True) if h}
+    is_held = np.array([p in held for p in image_paths], dtype=bool)
     return np.flatnonzero(~is_held), np.flatnonzero(is_held)
 
 
@@ -474,6 +492,35 @@ def _seed_all(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def _start_from(model: RewardModel, previous: Path, device: torch.device) -> None:
+    """Load the weights of a previous training's ``previous`` (selector/ or alignment/)
+    into ``model`` (``rewards.init_from``); a different kind or architecture is an error
+    that names the file."""
+    try:
+        meta = read_checkpoint_meta(previous)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"rewards.init_from: {exc}") from exc
+    if meta["kind"] != model.kind:
+        raise ValueError(
+            f"rewards.init_from: {previous} holds a {meta['kind']}, not a {model.kind}"
+        )
+    try:
+        missing, unexpected = load_model(
+            model, previous / WEIGHTS_FILE, strict=False, device=str(device)
+        )
+    except RuntimeError as exc:  # shapes that differ: another architecture
+        raise ValueError(
+            f"rewards.init_from: {previous / WEIGHTS_FILE} does not fit the {model.kind} that "
+            f"rewards.* builds now: {str(exc).splitlines()[-1].strip()}"
+        ) from exc
+    if missing or unexpected:
+        raise ValueError(
+            f"rewards.init_from: {previous / WEIGHTS_FILE} does not fit the {model.kind} "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+    log.info("%s starts from %s", model.kind, previous)
+
+
 def _train_one_objective(
     objective: str,
     cfg: RewardsConfig,
@@ -500,6 +547,8 @@ def _train_one_objective(
     t0 = time.perf_counter()
     _seed_all(cfg.seed)
     selector = build_selector(cfg).to(device)
+    if cfg.init_from:
+        _start_from(selector, Path(cfg.init_from) / "selector", device)
     sel_fit = fit(
         selector, sel_train, cfg, objective, cfg.epochs, device=device,
         desc=f"selector ({objective})", seed=cfg.seed,
@@ -516,9 +565,12 @@ def _train_one_objective(
     _seed_all(cfg.seed + 1)
     policy = build_alignment(cfg).to(device)
     pretrain: dict[str, Any] = {"epochs": 0}
-    if pretrain_pairs is not None and cfg.pretrain_epochs > 0:
+    if cfg.init_from:  # the towers come trained (and pre-trained, if they were) with it
+        _start_from(policy, Path(cfg.init_from) / "alignment", device)
+        pretrain = {"epochs": 0, "init_from": cfg.init_from}
+    elif pretrain_pairs is not None and cfg.pretrain_epochs > 0:
         pretrain = _pretrain_alignment(policy, pretrain_pairs, cfg, device)
-    tower_lr = cfg.tower_lr_scale if pretrain["epochs"] else 1.0
+    tower_lr = cfg.tower_lr_scale if pretrain["epochs"] or cfg.init_from else 1.0
     stage1 = fit(
         policy, ali_train, cfg, ali_objective, cfg.stage1_epochs, device=device,
         desc=f"alignment stage 1 ({ali_objective})", seed=cfg.seed + 1,
@@ -570,7 +622,7 @@ _NOT_PRETRAIN = frozenset(
         "regression_loss", "lr", "epochs", "stage1_epochs", "stage2_epochs", "batch_size",
         "num_samples", "entropy_coef", "value_coef", "grad_clip", "threshold",
         "quality_weight", "alignment_weight", "holdout_fraction", "ood_weight",
-        "ood_quantile", "tower_lr_scale", "pretrain_cache", "service_replicas",
+        "ood_quantile", "tower_lr_scale", "pretrain_cache", "init_from", "service_replicas",
         "service_num_gpus", "service_batch_size",
     }
 )  # fmt: skip
@@ -835,6 +887,12 @@ def format_report(report: dict[str, Any]) -> str:
                 f"({pre.get('seconds')} s; last epoch loss {num(last.get('loss'))}, "
                 f"eye accuracy {num(last.get('eye_accuracy'))})"
                 + (f"; loaded from {pre['cached']}" if pre.get("cached") else "")
+            )
+        if pre.get("init_from"):
+            lines.append(
+                f"{objective}: selector and alignment policy continued from {pre['init_from']} "
+                f"(rewards.init_from; selector {result['selector']['train'].get('epochs')}, "
+                f"alignment {ali['stage1'].get('epochs')} + {ali['stage2'].get('epochs')} epochs)"
             )
         swap = ali.get("eye_swap") or {}
         if swap.get("n"):
