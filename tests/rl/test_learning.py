@@ -50,9 +50,13 @@ def test_defaults_raise_held_out_spatial_reward(rl_generator_dir, tmp_path):
     """
     MARGIN = 0.04
     torch.set_num_threads(1)
+    from rl.config import RLConfig
+
+    # the code's defaults (the demo preset sets its own rl.lr)
     cfg = rl_config(
-        tmp_path, "run.name=learn", "rl.iterations=8", "rl.checkpoint_every=8", *DEFAULT_BATCH
-    )
+        tmp_path, "run.name=learn", "rl.iterations=8", "rl.checkpoint_every=8",
+        f"rl.lr={RLConfig().lr}", *DEFAULT_BATCH,
+    )  # fmt: skip
     rl = cfg.rl
     assert (rl.lr, rl.updates_per_epoch, rl.inner_epochs, rl.min_noise_std) == (5e-3, 4, 1, 0.05)
     records, _ = _run(cfg, rl_generator_dir, EVAL_PROMPTS * 4)
