@@ -1,8 +1,10 @@
 """Quality of a fine-tuned demo generator: held-out VAE PSNR, Fréchet distance to the
 phantom against the shipped base it started from and an untrained generator (ratio),
-laterality of generated images.
+laterality of generated images (where the optic disc is, per prompt eye) beside the
+held-out phantoms', and whether the alignment reward sees the eye.
 
-    python benchmarks/demo_quality.py runs/demo data/demo/manifest.parquet
+    python benchmarks/demo_quality.py runs/demo data/demo/manifest.parquet --rewards runs/demo/rewards
+    python benchmarks/demo_quality.py runs/demo data/demo/manifest.parquet --generators /tmp/base1200
 
 The numbers in docs/generator.md come from this script after `make demo`.
 """
@@ -21,10 +23,10 @@ from generators.datasets import read_manifest
 from generators.finetune import ImageTextData, reconstruction_psnr
 from generators.images import to_uint8
 from generators.model import build_generator, load_generator
-from generators.phantom import measure
 from generators.sampling import sample
 from medrl.config import load_config
 from medrl.demo_weights import from_scratch
+from rewards.simulated import measure_at_analysis_size
 
 
 def main() -> None:
@@ -32,6 +34,9 @@ def main() -> None:
     parser.add_argument("run", help="run directory (runs/demo)")
     parser.add_argument("manifest", help="the demo manifest (data/demo/manifest.parquet)")
     parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--eye-images", type=int, default=48, help="images per eye check")
+    parser.add_argument("--generators", nargs="*", default=[], help="more generator dirs")
+    parser.add_argument("--rewards", default="", help="reward models dir: alignment's eye")
     args = parser.parse_args()
     torch.manual_seed(0)
     cfg = load_config(f"{args.run}/config.yaml")
@@ -68,14 +73,49 @@ def main() -> None:
     )
 
     eyes = [f"colour fundus photograph, {e} eye" for e in ("left", "right")]
-    lat_prompts = [eyes[i % 2] for i in range(32)]
-    for name, g in (("fine-tuned", gen), ("base", shipped)):
-        imgs = to_uint8(sample(g, lat_prompts, list(range(32)), **kw).images)
-        hits = [
-            measure(im)["laterality"] == ("left" if "left" in p else "right")
-            for im, p in zip(imgs, lat_prompts, strict=True)
-        ]
-        print(f"laterality of 32 images, {name}: {np.mean(hits):.2f} correct (chance 0.50)")
+    lat_prompts = [eyes[i % 2] for i in range(args.eye_images)]
+    val_real = table.loc[table.split == "val"].head(args.eye_images)
+    rows = [("held-out phantoms", [np.asarray(Image.open(p).convert("RGB")) for p in val_real.path],
+             val_real.Text.tolist())]  # fmt: skip
+    for name, g in (("fine-tuned", gen), ("base", shipped),
+                    *((d, load_generator(d)) for d in args.generators)):  # fmt: skip
+        rows.append(
+            (
+                name,
+                to_uint8(sample(g, lat_prompts, list(range(len(lat_prompts))), **kw).images),
+                lat_prompts,
+            )
+        )
+    # where the optic disc is (measure(): the SIMULATED expert's reading of the eye)
+    for name, imgs, prompts_ in rows:
+        ms = [measure_at_analysis_size(im) for im in imgs]
+        said = np.array(["left eye" in p for p in prompts_])
+        hits = np.array([(m["laterality"] == "left") == s for m, s in zip(ms, said, strict=True)])
+        x = np.array([m["disc_x"] for m in ms])
+        print(
+            f"eye of {len(imgs)} images, {name}: {hits.mean():.2f} show the prompt's eye; disc x "
+            f"{x[said].mean():.2f} +- {x[said].std():.2f} (left-eye prompts), "
+            f"{x[~said].mean():.2f} +- {x[~said].std():.2f} (right)"
+        )
+    if args.rewards:  # does the alignment reward see the eye on the fine-tuned samples?
+        from rewards.contrastive import swap_eye
+        from rewards.models import load_alignment
+
+        ali = load_alignment(f"{args.rewards}/alignment")
+        imgs = sample(gen, lat_prompts, list(range(len(lat_prompts))), **kw).images
+        shown = np.array([m["laterality"] for m in map(measure_at_analysis_size, to_uint8(imgs))])
+        with torch.no_grad():
+            a = ali.score(imgs, lat_prompts).numpy()
+            b = ali.score(imgs, [swap_eye(p) for p in lat_prompts]).numpy()
+        told = np.array(["left" if "left eye" in p else "right" for p in lat_prompts])
+        margin = np.where(
+            shown == told, a - b, b - a
+        )  # score of the shown eye's prompt minus the other's
+        print(
+            f"alignment ({args.rewards}) scores the prompt naming the eye the image shows higher "
+            f"on {(margin > 0).mean():.2f} of {len(margin)} fine-tuned samples (mean margin "
+            f"{margin.mean():.2f})"
+        )
 
 
 if __name__ == "__main__":

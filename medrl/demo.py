@@ -188,9 +188,10 @@ def round_ends(iterations: int, rounds: int) -> list[int]:
     return [round(iterations * (r + 1) / rounds) for r in range(rounds)]
 
 
-def _rating_round(cfg: RunConfig, run_dir: Path, r: int) -> Path:
+def _rating_round(cfg: RunConfig, run_dir: Path, r: int, previous: Path) -> Path:
     """Round ``r`` > 0: a blind sheet of the RL adapter's samples, filled by the SIMULATED
-    expert from the pixels, ingested; the reward models retrained on every round."""
+    expert from the pixels, ingested; the reward models (``previous``: the last round's)
+    trained on every round."""
     from rewards.rounds import export_round, round_prompts
     from rewards.simulated import simulate_ratings
 
@@ -215,19 +216,19 @@ def _rating_round(cfg: RunConfig, run_dir: Path, r: int) -> Path:
     if f >= 1:
         log.info("rating round %d: retraining the reward models on every round", r)
         return _train(cfg, db, run_dir / f"rewards-{name}")
-    previous = run_dir / ("rewards" if r == 1 else f"rewards-round-{r - 1}")
     log.info(
         "rating round %d: the reward models of %s continue on every round for %g of the epochs",
         r, previous, f,
     )  # fmt: skip
+
+    def scaled(epochs: int) -> int:
+        return max(1, round(epochs * f)) if epochs else 0
+
     rw = cfg.rewards
     rw = dataclasses.replace(
-        rw,
-        init_from=str(previous),
-        epochs=max(1, round(rw.epochs * f)),
-        stage1_epochs=max(1, round(rw.stage1_epochs * f)),
-        stage2_epochs=round(rw.stage2_epochs * f) if rw.stage2_epochs else 0,
-    )
+        rw, init_from=str(previous), epochs=scaled(rw.epochs),
+        stage1_epochs=scaled(rw.stage1_epochs), stage2_epochs=scaled(rw.stage2_epochs),
+    )  # fmt: skip
     return _train(dataclasses.replace(cfg, rewards=rw), db, run_dir / f"rewards-{name}")
 
 
@@ -241,7 +242,7 @@ def _rl(cfg: RunConfig, run_dir: Path, rewards_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for r, end in enumerate(ends):
         if r > 0:
-            reward = _rating_round(cfg, run_dir, r)
+            reward = _rating_round(cfg, run_dir, r, previous=reward)
         log.info(
             "step 7/8: RL round %d/%d: iterations up to %d, %d samplers, reward = %s",
             r + 1, len(ends), end, cfg.rl.num_samplers, reward,

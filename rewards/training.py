@@ -64,7 +64,7 @@ from rewards.models import (
     RewardModel,
     build_alignment,
     build_selector,
-    read_checkpoint_meta,
+    load_reward_model,
     save_reward_model,
     vision_input_size,
 )
@@ -493,31 +493,22 @@ def _seed_all(seed: int) -> None:
 
 
 def _start_from(model: RewardModel, previous: Path, device: torch.device) -> None:
-    """Load the weights of a previous training's ``previous`` (selector/ or alignment/)
+    """Copy the weights of a previous training's ``previous`` (selector/ or alignment/)
     into ``model`` (``rewards.init_from``); a different kind or architecture is an error
     that names the file."""
     try:
-        meta = read_checkpoint_meta(previous)
+        prev = load_reward_model(previous, device)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"rewards.init_from: {exc}") from exc
-    if meta["kind"] != model.kind:
-        raise ValueError(
-            f"rewards.init_from: {previous} holds a {meta['kind']}, not a {model.kind}"
-        )
+    if prev.kind != model.kind:
+        raise ValueError(f"rewards.init_from: {previous} holds a {prev.kind}, not a {model.kind}")
     try:
-        missing, unexpected = load_model(
-            model, previous / WEIGHTS_FILE, strict=False, device=str(device)
-        )
-    except RuntimeError as exc:  # shapes that differ: another architecture
+        model.load_state_dict(prev.state_dict())
+    except RuntimeError as exc:  # other shapes or names: another architecture
         raise ValueError(
             f"rewards.init_from: {previous / WEIGHTS_FILE} does not fit the {model.kind} that "
             f"rewards.* builds now: {str(exc).splitlines()[-1].strip()}"
         ) from exc
-    if missing or unexpected:
-        raise ValueError(
-            f"rewards.init_from: {previous / WEIGHTS_FILE} does not fit the {model.kind} "
-            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
-        )
     log.info("%s starts from %s", model.kind, previous)
 
 
