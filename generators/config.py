@@ -180,8 +180,15 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    mode: Literal["full", "lora"] = _f("full", "train the whole UNet or LoRA adapters on it")
-    train_text_encoder: bool = _f(False, "also train the text encoder (full weights)")
+    mode: Literal["full", "lora"] = _f(
+        "full",
+        "train the whole UNet or a LoRA adapter on it (finetune.lora); either way the saved "
+        "generator/ holds what was learned (a LoRA is merged into its UNet)",
+    )
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train_text_encoder: bool = _f(
+        False, "also train the text encoder (full weights, saved in generator/text_encoder)"
+    )
     steps: int = _f(1500, "UNet optimiser steps", min=1)
     batch_size: int = _f(32, "images per step", min=1)
     lr: float = _f(1e-3, "UNet learning rate (use ~1e-4 for LoRA on a pretrained UNet)", min=0.0)

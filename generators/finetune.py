@@ -48,9 +48,15 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from generators.config import DataConfig, FinetuneConfig, LoraConfig, ModelConfig, SamplingConfig
+from generators.config import DataConfig, FinetuneConfig, ModelConfig, SamplingConfig
 from generators.images import make_grid, save_png, to_uint8
-from generators.lora import attach_lora, get_adapter_state, save_adapter, set_adapter_state
+from generators.lora import (
+    attach_lora,
+    get_adapter_state,
+    merge_lora,
+    save_adapter,
+    set_adapter_state,
+)
 from generators.model import Generator, build_generator, resolve_device
 from generators.sampling import sample
 
@@ -473,7 +479,6 @@ def finetune(
     run_dir: str | os.PathLike,
     model_cfg: ModelConfig,
     data_cfg: DataConfig,
-    lora_cfg: LoraConfig,
     ft: FinetuneConfig,
     sampling: SamplingConfig,
     seed: int = 0,
@@ -482,6 +487,13 @@ def finetune(
     data: ImageTextData | None = None,
 ) -> FinetuneResult:
     """Fine-tune (VAE if needed, then UNet) and write the generator into ``run_dir``.
+
+    ``run_dir/generator`` is what fine-tuning learned, in both modes: in LoRA mode the
+    adapter (``ft.lora``) is merged into the saved UNet, and a trained text encoder is
+    saved with it, so RL, ``medrl generate`` and eval start from the fine-tuned model by
+    loading that directory alone. LoRA mode also writes the adapter itself to
+    ``run_dir/adapter`` (for the base it was trained on; ``merged_into`` in its
+    adapter_config.json says it is already part of ``generator/``).
 
     Rerunning with the same ``run_dir`` resumes from its latest checkpoint; ``ft.steps``
     is the total, so a finished run with more steps continues where it stopped.
@@ -538,9 +550,7 @@ def finetune(
 
     # ---- stage 2: the UNet
     if ft.mode == "lora":
-        # the base generator (with its trained VAE) is saved before the adapter is attached
-        gen.save(run_dir / "generator")
-        attach_lora(gen.unet, lora_cfg)
+        attach_lora(gen.unet, ft.lora)
     groups = _trainable(gen, ft)
     opt = torch.optim.AdamW(groups, weight_decay=ft.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -620,14 +630,71 @@ def finetune(
     gen.text_encoder.eval()
     adapter_dir = None
     base_dir = run_dir / "generator"
+    grid = _sample_grid(gen, grid_prompts, sampling)
+    done = max(ft.steps, start)
     if ft.mode == "lora":
         adapter_dir = run_dir / "adapter"
-        save_adapter(gen.unet, adapter_dir, extra={"base": str(base_dir), "step": ft.steps})
-    else:
-        gen.save(base_dir)
-    grid = _sample_grid(gen, grid_prompts, sampling)
+        save_adapter(
+            gen.unet,
+            adapter_dir,
+            extra={"base": _base_name(model_cfg), "merged_into": "generator", "step": done},
+        )
+        merge_lora(gen.unet)
+    gen.save(
+        base_dir, finetune={"mode": ft.mode, "steps": done, "text_encoder": ft.train_text_encoder}
+    )
     save_png(grid, run_dir / "samples" / "finetune-grid.png")
-    return FinetuneResult(base_dir, adapter_dir, max(ft.steps, start), start, loss_value)
+    return FinetuneResult(base_dir, adapter_dir, done, start, loss_value)
+
+
+def unmerged_adapter(run_dir: str | os.PathLike) -> Path | None:
+    """A fine-tuning adapter at ``run_dir/adapter`` that ``generator/`` does not include yet
+    (written before adapters were merged), else None."""
+    adapter = Path(run_dir) / "adapter"
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        return None
+    try:
+        merged = json.loads(config.read_text()).get("merged_into")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config}: unreadable adapter config ({e})") from e
+    return None if merged else adapter
+
+
+def require_merged(run_dir: str | os.PathLike) -> None:
+    """Raise when ``run_dir/generator`` lacks the run's fine-tuning adapter (an older run)."""
+    old = unmerged_adapter(run_dir)
+    if old is not None:
+        raise ValueError(
+            f"{old} is a fine-tuning adapter that {Path(run_dir) / 'generator'} does not "
+            "include (written by an older medrl): rerun `medrl finetune` with the run's "
+            "config to merge it, so that this command starts from the fine-tuned model"
+        )
+
+
+def load_run_generator(run_dir: str | os.PathLike) -> Generator:
+    """The fine-tuned generator of a run: ``run_dir/generator`` (LoRA merged into it).
+
+    A run fine-tuned in LoRA mode before the merge existed has the bare base in
+    ``generator/`` and the adapter beside it: that adapter is applied, with a warning.
+    """
+    from generators.lora import load_adapter_into
+    from generators.model import load_generator
+
+    gen = load_generator(Path(run_dir) / "generator")
+    old = unmerged_adapter(run_dir)
+    if old is not None:
+        log.warning(
+            "%s is not merged into %s/generator (an older medrl); applying it. Rerun "
+            "`medrl finetune` with the same config to merge it", old, run_dir,
+        )  # fmt: skip
+        load_adapter_into(gen.pipe, old)
+    return gen
+
+
+def _base_name(model_cfg: ModelConfig) -> str:
+    """The UNet the fine-tuning adapter was trained on (a hub id or path; 'built' if none)."""
+    return str(model_cfg.unet.pretrained or "built from model.unet (random init)")
 
 
 def _flush_metrics(run_dir: Path, metrics: list[dict]) -> None:

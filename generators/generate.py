@@ -106,13 +106,14 @@ def generate_from_cli(
     generator_dir: str | None,
     adapter: str | None,
 ) -> Path:
-    """What ``medrl generate`` runs: load the run's generator (+ adapter) and sample."""
+    """What ``medrl generate`` runs: load the run's fine-tuned generator (+ an adapter, such
+    as RL's ``rl/best``) and sample."""
+    from generators.finetune import load_run_generator
+
     run_dir = Path(cfg.run.root) / cfg.run.name
     gdir = Path(generator_dir) if generator_dir else run_dir / "generator"
-    gen = load_generator(gdir).to(resolve_device(cfg.run.device))
-    if adapter is None and (run_dir / "adapter").is_dir() and generator_dir is None:
-        adapter = str(run_dir / "adapter")
-        log.info("applying the run's LoRA adapter %s", adapter)
+    gen = load_generator(gdir) if generator_dir else load_run_generator(run_dir)
+    gen = gen.to(resolve_device(cfg.run.device))
     if adapter:
         load_adapter_into(gen.pipe, adapter)
     with torch.inference_mode():

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -206,10 +207,63 @@ def save_adapter_state(
     return written
 
 
+@torch.no_grad()
+def merge_lora(unet: torch.nn.Module) -> None:
+    """Fold every LoRA adapter of ``unet`` into its base weights and remove the adapters
+    (peft's merge through diffusers' ``fuse_lora`` / ``unload_lora``): the plain UNet that
+    then draws what the UNet with its adapters drew."""
+    if not getattr(unet, "peft_config", None):
+        raise ValueError("merge_lora: the UNet has no LoRA adapter")
+    unet.fuse_lora(lora_scale=1.0)
+    unet.unload_lora()
+
+
+@torch.no_grad()
+def subtract_adapter(pipe: StableDiffusionPipeline, adapter: str | os.PathLike) -> None:
+    """Take a merged adapter back out of the UNet's weights (W - scale * B A): the base it
+    was trained on, up to float rounding. For a generator saved with its adapter merged."""
+    load_adapter_into(pipe, adapter, adapter_name="merged")
+    pipe.unet.fuse_lora(lora_scale=-1.0, adapter_names=["merged"])
+    pipe.unet.unload_lora()
+
+
+def _mismatch(where: str, missing: Sequence[str], unexpected: Sequence[str]) -> str:
+    def first(keys: Sequence[str]) -> str:
+        keys = sorted(keys)
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    parts = [f"{where}: the adapter's keys do not match the model"]
+    if missing:
+        parts.append(f"{len(missing)} missing (first: {first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (first: {first(unexpected)})")
+    return "; ".join(parts)
+
+
+def _file_unet_lora(pipe: StableDiffusionPipeline, weights: Path) -> tuple[dict, list[str]]:
+    """The UNet part of a LoRA file in peft key names (as diffusers converts it on load),
+    and the file's keys that are not UNet LoRA (text-encoder or unknown keys)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    state, _alphas = pipe.lora_state_dict(str(weights.parent), weight_name=weights.name)
+    unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    other = [k for k in state if not k.startswith("unet.")]
+    if unet and "lora_A" not in next(iter(unet)):
+        unet = convert_unet_state_dict_to_peft(unet)
+    return unet, other
+
+
 def load_adapter_into(
     pipe: StableDiffusionPipeline, adapter: str | os.PathLike, adapter_name: str = ADAPTER_NAME
 ) -> None:
-    """Load an exported adapter (dir or weights file, diffusers or kohya) into a pipeline."""
+    """Load an exported adapter (dir or weights file, diffusers or kohya) into a pipeline.
+
+    All or nothing: every tensor of the file must land on a LoRA layer of the UNet and every
+    LoRA layer the adapter creates must get its tensors, with their shapes; otherwise the
+    adapter is removed again and a ValueError names the first missing and unexpected keys
+    (diffusers alone skips keys it cannot place with a warning, and the adapter draws
+    something else without a word).
+    """
     adapter = Path(adapter)
     if adapter.is_dir():
         weights = adapter / DIFFUSERS_WEIGHTS
@@ -219,24 +273,84 @@ def load_adapter_into(
         weights = adapter
     if not weights.is_file():
         raise FileNotFoundError(f"{adapter}: no {DIFFUSERS_WEIGHTS} or {KOHYA_WEIGHTS} found")
+    if adapter_name in (getattr(pipe.unet, "peft_config", None) or {}):
+        raise ValueError(f"{weights}: the UNet already has an adapter named {adapter_name!r}")
     import diffusers
 
     verbosity = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity_error()  # "no LoRA keys for BertModel": by design
     try:
-        pipe.load_lora_weights(
-            str(weights.parent), weight_name=weights.name, adapter_name=adapter_name
-        )
+        expected, other = _file_unet_lora(pipe, weights)
+        if other:
+            raise ValueError(_mismatch(str(weights), [], other) + " (medrl adapts the UNet only)")
+        if not expected:
+            raise ValueError(f"{weights}: no UNet LoRA weights in the file")
+        try:
+            with warnings.catch_warnings():  # peft warns of what is checked below
+                warnings.simplefilter("ignore", RuntimeWarning)
+                pipe.load_lora_weights(
+                    str(weights.parent), weight_name=weights.name, adapter_name=adapter_name
+                )
+        except (RuntimeError, ValueError, KeyError) as e:
+            _drop_adapter(pipe, adapter_name)
+            raise ValueError(f"{weights}: the adapter does not fit the UNet: {e}") from e
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=adapter_name)
+    missing = sorted(set(loaded) - set(expected))
+    unexpected = sorted(set(expected) - set(loaded))
+    if not missing and not unexpected:
+        wrong = [
+            k for k, v in expected.items()
+            if tuple(v.shape) != tuple(loaded[k].shape) or not torch.equal(v.to(loaded[k]), loaded[k])
+        ]  # fmt: skip
+        if not wrong:
+            return
+        _drop_adapter(pipe, adapter_name)
+        raise ValueError(
+            f"{weights}: {len(wrong)} tensors did not load as stored (first: {wrong[0]})"
+        )
+    _drop_adapter(pipe, adapter_name)
+    raise ValueError(_mismatch(str(weights), missing, unexpected))
+
+
+def _drop_adapter(pipe: StableDiffusionPipeline, adapter_name: str) -> None:
+    if adapter_name in (getattr(pipe.unet, "peft_config", None) or {}):
+        pipe.unet.delete_adapters(adapter_name)
+
+
+def check_lora_pairs(state: Mapping[str, torch.Tensor], rank: int, where: str) -> None:
+    """Every module has both LoRA factors with the adapter's rank, and nothing else is in
+    the file: else a ValueError naming the first offending keys."""
+    a = {k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")}
+    b = {k.removesuffix(".lora_B.weight") for k in state if k.endswith(".lora_B.weight")}
+    other = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if other or a != b:
+        missing = [f"{m}.lora_B.weight" for m in a - b] + [f"{m}.lora_A.weight" for m in b - a]
+        raise ValueError(_mismatch(where, missing, other))
+    wrong = [
+        m for m in sorted(a)
+        if state[f"{m}.lora_A.weight"].shape[0] != rank
+        or state[f"{m}.lora_B.weight"].shape[1] != rank
+    ]  # fmt: skip
+    if wrong:
+        raise ValueError(
+            f"{where}: LoRA factors of {wrong[0]} (and {len(wrong) - 1} more) do not have the "
+            f"adapter's rank {rank}"
+        )
 
 
 def export_run_adapter(
-    adapter: str | os.PathLike, out: str | os.PathLike, formats: Sequence[str] | None = None
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    formats: Sequence[str] | None = None,
+    generator: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Re-export a saved adapter (diffusers format) into ``out`` in the requested formats.
 
-    Used by ``medrl export``: the adapter's rank and alpha come from its metadata.
+    Used by ``medrl export``: the adapter's rank and alpha come from its metadata. The file
+    is checked first (both factors of every module, the adapter's rank); with
+    ``generator`` it must also load completely into that generator's UNet.
     """
     adapter = Path(adapter)
     weights = adapter / DIFFUSERS_WEIGHTS if adapter.is_dir() else adapter
@@ -251,6 +365,20 @@ def export_run_adapter(
     bad = sorted(set(formats) - {"diffusers", "kohya"})
     if bad:
         raise ValueError(f"unknown LoRA export format(s) {bad}; allowed: diffusers, kohya")
+    # diffusers format ("unet.<module>.lora.down.weight" or "...lora_A.weight") -> peft keys
+    peft_state = {}
+    for k, v in state.items():
+        key = k.removeprefix("unet.")
+        key = key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
+        key = key.replace(".lora_linear_layer.down.", ".lora_A.").replace(
+            ".lora_linear_layer.up.", ".lora_B."
+        )
+        peft_state[key] = v
+    check_lora_pairs(peft_state, int(spec["rank"]), str(weights))
+    if generator is not None:  # the full check: it loads into that generator's UNet
+        from generators.model import load_generator
+
+        load_adapter_into(load_generator(generator).pipe, weights)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -258,15 +386,6 @@ def export_run_adapter(
         shutil.copyfile(weights, out / DIFFUSERS_WEIGHTS)
         written.append(out / DIFFUSERS_WEIGHTS)
     if "kohya" in formats:
-        # diffusers format ("unet.<module>.lora.down.weight" or "...lora_A.weight") -> peft keys
-        peft_state = {}
-        for k, v in state.items():
-            key = k.removeprefix("unet.")
-            key = key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
-            key = key.replace(".lora_linear_layer.down.", ".lora_A.").replace(
-                ".lora_linear_layer.up.", ".lora_B."
-            )
-            peft_state[key] = v
         tmp = out / f".{KOHYA_WEIGHTS}.tmp"
         save_file(
             _kohya_from_peft(peft_state, spec["alpha"]),

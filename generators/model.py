@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -240,16 +241,25 @@ class Generator:
         )
         return out[0]
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Save as a diffusers pipeline directory, atomically (temporary dir, then rename)."""
+    def save(self, path: str | os.PathLike, finetune: Mapping | None = None) -> Path:
+        """Save as a diffusers pipeline directory, atomically (temporary dir, then rename).
+
+        ``finetune`` (mode, steps, ...) is recorded in the directory's medrl_generator.json.
+        """
+        if getattr(self.unet, "peft_config", None):
+            raise ValueError(
+                "Generator.save: the UNet carries a LoRA adapter; merge it (generators.lora."
+                "merge_lora) or save the adapter on its own (save_adapter)"
+            )
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
         try:
             self.pipe.save_pretrained(tmp, safe_serialization=True)
-            (tmp / GENERATOR_META).write_text(
-                json.dumps({"resolution": self.resolution, "vae_untrained": self.vae_untrained})
-            )
+            meta = {"resolution": self.resolution, "vae_untrained": self.vae_untrained}
+            if finetune:
+                meta["finetune"] = dict(finetune)
+            (tmp / GENERATOR_META).write_text(json.dumps(meta))
             old = None
             if path.exists():
                 old = path.with_name(f".{path.name}.old")

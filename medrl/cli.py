@@ -126,6 +126,7 @@ def cmd_ratings_agreement(args: argparse.Namespace) -> int:
 
 
 def cmd_ratings_export_round(args: argparse.Namespace) -> int:
+    from generators.finetune import require_merged
     from rewards.rounds import NO_ADAPTER, export_round, next_round_name, round_prompts
 
     cfg = _load(args)
@@ -135,12 +136,12 @@ def cmd_ratings_export_round(args: argparse.Namespace) -> int:
     generator_dir = Path(args.generator) if args.generator else run_dir / "generator"
     if not (generator_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"{generator_dir}: no generator (run `medrl finetune` first)")
+    if not args.generator:
+        require_merged(run_dir)
     if args.adapter:
         adapters = [None if a == NO_ADAPTER else a for a in args.adapter]
     elif (run_dir / "rl" / "adapter").is_dir():
         adapters = [str(run_dir / "rl" / "adapter")]
-    elif (run_dir / "adapter").is_dir():
-        adapters = [str(run_dir / "adapter")]  # the fine-tuning LoRA, as medrl generate does
     else:
         adapters = [None]
     if args.prompts_file:
@@ -298,7 +299,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         run_dir,
         cfg.model,
         cfg.data,
-        cfg.lora,
         cfg.finetune,
         cfg.sampling,
         seed=cfg.run.seed,
@@ -339,7 +339,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from generators.lora import export_run_adapter
 
-    paths = export_run_adapter(args.adapter, args.out, formats=args.format)
+    paths = export_run_adapter(
+        args.adapter, args.out, formats=args.format, generator=args.generator
+    )
     for p in paths:
         print(f"wrote {p}")
     return 0
@@ -491,7 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--generator", default=None, help="generator dir (default: runs/<name>/generator)"
     )
-    p.add_argument("--adapter", default=None, help="LoRA adapter dir or .safetensors to apply")
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="LoRA adapter dir or .safetensors to apply, e.g. runs/<name>/rl/best (what "
+        "fine-tuning learned is part of the run's generator already)",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="export a LoRA adapter (diffusers and/or kohya format)")
@@ -499,6 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--format", action="append", choices=["diffusers", "kohya"], help="repeatable; default both"
+    )
+    p.add_argument(
+        "--generator",
+        default=None,
+        help="generator dir the adapter is for (runs/<name>/generator): refuse an adapter "
+        "that does not load into it completely",
     )
     p.set_defaults(func=cmd_export)
 
@@ -580,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter",
         action="append",
         help="LoRA adapter to sample with (repeatable, 'none': the generator alone; "
-        "default: <run>/rl/adapter, else <run>/adapter, else none)",
+        "default: <run>/rl/adapter, else none; fine-tuning is part of <run>/generator)",
     )
     p.add_argument("--generator", default=None, help="generator dir (default: <run>/generator)")
     p.add_argument("--prompts", type=int, default=8, help="number of prompts")

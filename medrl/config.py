@@ -138,7 +138,14 @@ class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraConfig = field(
+        default_factory=LoraConfig,
+        metadata={
+            "help": "The RL adapter: what `medrl rl train` trains on the fine-tuned generator "
+            "and `medrl export` writes. The fine-tuning adapter is `finetune.lora` (LoRA "
+            "mode), merged into `runs/<name>/generator` when fine-tuning ends."
+        },
+    )
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
@@ -417,10 +424,13 @@ def write_config_docs(path: str | os.PathLike = "docs/config.md") -> Path:
         top = key.split(".")[0]
         if top != section:
             section = top
+            intro = next(f for f in dataclasses.fields(RunConfig) if f.name == top)
+            intro = intro.metadata.get("help")
             lines += [
                 "",
                 f"## `{top}`",
                 "",
+                *([intro, ""] if intro else []),
                 "| key | type | default | meaning |",
                 "| --- | --- | --- | --- |",
             ]

@@ -75,7 +75,6 @@ def run_demo(cfg: RunConfig) -> dict[str, Path]:
         run_dir,
         cfg.model,
         cfg.data,
-        cfg.lora,
         cfg.finetune,
         cfg.sampling,
         seed=cfg.run.seed,

@@ -143,7 +143,7 @@ def make_demo_base(cfg: RunConfig, out: str | os.PathLike, command: str = "") ->
     )  # fmt: skip
     run_dir = out.parent / f".{out.name}.run"  # kept until the weights are in place: resumable
     t0 = time.perf_counter()
-    result = finetune(run_dir, cfg.model, cfg.data, cfg.lora, ft, cfg.sampling,
+    result = finetune(run_dir, cfg.model, cfg.data, ft, cfg.sampling,
                       seed=cfg.run.seed, device="cpu")  # fmt: skip
     seconds = time.perf_counter() - t0
     gen = load_generator(result.generator_dir)

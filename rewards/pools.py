@@ -54,30 +54,32 @@ def load_checkpoint_generator(run_dir: str | os.PathLike, checkpoint: str | os.P
 
     The run's ``generator/`` supplies the VAE, tokenizer and scheduler (the VAE is trained
     before the first checkpoint and never changes after); a full-UNet checkpoint
-    (``unet.safetensors``) replaces the UNet weights, a LoRA one (``lora.safetensors``)
-    attaches the adapter of the checkpoint's ``config.yaml`` ``lora`` section, and
-    ``text_encoder.safetensors`` the text encoder when it was trained. The final generator
-    of a LoRA run is ``generator/`` plus ``adapter/``.
+    (``unet.safetensors``) replaces the UNet weights; a LoRA one (``lora.safetensors``) is
+    attached, with the checkpoint's ``finetune.lora`` section, to the base UNet (the final
+    adapter ``adapter/``, merged into ``generator/``, is subtracted out first);
+    ``text_encoder.safetensors`` replaces the text encoder when it was trained. The final
+    generator is ``generator/`` itself.
     """
     import yaml
     from safetensors.torch import load_file
 
     from generators.config import LoraConfig
-    from generators.lora import attach_lora, load_adapter_into, set_adapter_state
+    from generators.finetune import load_run_generator, unmerged_adapter
+    from generators.lora import attach_lora, set_adapter_state, subtract_adapter
     from generators.model import load_generator
 
     run_dir = Path(run_dir)
-    gen = load_generator(run_dir / "generator")
     if checkpoint is None:
-        if (run_dir / "adapter").is_dir():
-            load_adapter_into(gen.pipe, run_dir / "adapter")
-        return gen
+        return load_run_generator(run_dir)
+    gen = load_generator(run_dir / "generator")
     ckpt = Path(checkpoint)
     if (ckpt / "unet.safetensors").is_file():
         gen.unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
     elif (ckpt / "lora.safetensors").is_file():
         config = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
-        spec = dict(config.get("lora") or {})
+        spec = dict((config.get("finetune") or {}).get("lora") or config.get("lora") or {})
+        if (run_dir / "adapter").is_dir() and unmerged_adapter(run_dir) is None:
+            subtract_adapter(gen.pipe, run_dir / "adapter")
         if "target_modules" in spec:
             spec["target_modules"] = tuple(spec["target_modules"])
         attach_lora(gen.unet, LoraConfig(**spec))

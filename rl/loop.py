@@ -68,6 +68,10 @@ def resolve_inputs(cfg: Any) -> dict[str, Any]:
             f"rl.generator: no generator at {gen_dir} (run `medrl finetune` for this run "
             "name, or set rl.generator to a generator directory)"
         )
+    if not cfg.rl.generator:
+        from generators.finetune import require_merged
+
+        require_merged(run_dir)  # RL starts from what fine-tuning learned
     reward = cfg.rl.reward or str(run_dir / "rewards")
     if reward not in ("brightness", "spatial") and not Path(reward).is_dir():
         raise FileNotFoundError(

@@ -59,7 +59,6 @@ def trained(tmp_path_factory):
         cfg.run_dir,
         cfg.model,
         cfg.data,
-        cfg.lora,
         cfg.finetune,
         cfg.sampling,
         seed=cfg.run.seed,

@@ -134,3 +134,59 @@ def test_export_command_rewrites_both_formats(base_dir, tmp_path):
         assert sorted(a.keys()) == sorted(b.keys())
         for k in a.keys():
             torch.testing.assert_close(a.get_tensor(k), b.get_tensor(k))
+
+
+def test_an_adapter_whose_keys_do_not_match_is_refused_whole(base_dir, tmp_path, capsys):
+    """32 renamed keys: diffusers alone loads the rest and says nothing; medrl refuses,
+    names the first missing and unexpected keys, and leaves the UNet without the adapter
+    (generate and export refuse it too)."""
+    from safetensors.torch import load_file, save_file
+
+    from medrl.cli import main
+
+    gen = load_generator(base_dir)
+    attach_lora(gen.unet, SPEC)
+    _randomise_lora(gen.unet, seed=11)
+    save_adapter(gen.unet, tmp_path / "adapter", formats=("diffusers",))
+    weights = tmp_path / "adapter" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(weights))
+    renamed = {}
+    for i, (k, v) in enumerate(sorted(state.items())):
+        renamed[k.replace("unet.", "unet.renamed_", 1) if i < 32 else k] = v
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(renamed, str(bad / "pytorch_lora_weights.safetensors"), metadata=metadata)
+    (bad / "adapter_config.json").write_text(
+        (tmp_path / "adapter" / "adapter_config.json").read_text()
+    )
+
+    fresh = load_generator(base_dir)
+    plain = sample(fresh, PROMPTS, [1, 2], num_steps=3)
+    with pytest.raises(ValueError, match=r"32 unexpected \(first: renamed_"):
+        load_adapter_into(fresh.pipe, bad)
+    assert not getattr(fresh.unet, "peft_config", None)  # nothing stays loaded
+    torch.testing.assert_close(sample(fresh, PROMPTS, [1, 2], num_steps=3).images, plain.images)
+    load_adapter_into(fresh.pipe, tmp_path / "adapter")  # the intact one still loads
+
+    run_args = [f"run.root={tmp_path / 'runs'}", "run.name=x", "sampling.num_steps=2"]
+    gen_args = ["generate", *run_args, "--generator", str(base_dir), "--prompt", PROMPTS[0]]
+    assert main([*gen_args, "--adapter", str(bad)]) == 2
+    assert "keys do not match" in capsys.readouterr().err
+    # export: a file missing one factor is refused; with --generator, a renamed module too
+    half = dict(state)
+    half.pop(next(k for k in sorted(half) if k.endswith("lora_B.weight")))
+    (tmp_path / "half").mkdir()
+    save_file(half, str(tmp_path / "half" / "pytorch_lora_weights.safetensors"), metadata=metadata)
+    (tmp_path / "half" / "adapter_config.json").write_text(
+        (tmp_path / "adapter" / "adapter_config.json").read_text()
+    )
+    assert main(["export", str(tmp_path / "half"), "--out", str(tmp_path / "e1")]) == 2
+    assert "lora_B.weight" in capsys.readouterr().err and not (tmp_path / "e1").exists()
+    assert (
+        main(["export", str(bad), "--out", str(tmp_path / "e2"), "--generator", str(base_dir)]) == 2
+    )
+    assert "unexpected" in capsys.readouterr().err and not (tmp_path / "e2").exists()
+    assert main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "e3"),
+                 "--generator", str(base_dir)]) == 0  # fmt: skip
