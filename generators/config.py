@@ -131,7 +131,10 @@ class ModelConfig:
         64, "image side in pixels; must be divisible by the VAE downsampling", min=16
     )
     dtype: Literal["float32", "float16", "bfloat16"] = _f(
-        "float32", "weights dtype for sampling (training keeps float32 master weights)"
+        "float32",
+        "weights dtype of `medrl generate` and rating-round sampling on a GPU; training and "
+        "the RL samplers run float32 (DDPO's ratio compares the sampler's log-probabilities "
+        "with the learner's), and on a CPU everything runs float32 (a warning says so)",
     )
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VaeConfig = field(default_factory=VaeConfig)

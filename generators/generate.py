@@ -20,7 +20,7 @@ import torch
 from generators.config import SamplingConfig
 from generators.images import save_png, to_uint8
 from generators.lora import load_adapter_into
-from generators.model import Generator, load_generator, resolve_device
+from generators.model import Generator, inference_dtype, load_generator, resolve_device
 from generators.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,10 @@ def generate_from_cli(
     run_dir = Path(cfg.run.root) / cfg.run.name
     gdir = Path(generator_dir) if generator_dir else run_dir / "generator"
     gen = load_generator(gdir) if generator_dir else load_run_generator(run_dir)
-    gen = gen.to(resolve_device(cfg.run.device))
     if adapter:
         load_adapter_into(gen.pipe, adapter)
+    device = resolve_device(cfg.run.device)
+    gen = gen.to(device, inference_dtype(cfg.model.dtype, device))
     with torch.inference_mode():
         return generate_images(
             gen,

@@ -47,6 +47,21 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def inference_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """``model.dtype`` for inference on ``device``: as configured on a GPU; float32 on a CPU
+    (half-precision convolutions are slow or missing there), with a warning saying so."""
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in dtype:
+        raise ValueError(f"model.dtype: {name!r} is not one of {', '.join(dtype)}")
+    if torch.device(device).type == "cpu" and name != "float32":
+        log.warning(
+            "model.dtype is %s but the device is a CPU: sampling runs in float32 instead "
+            "(%s applies on GPUs)", name, name,
+        )  # fmt: skip
+        return torch.float32
+    return dtype[name]
+
+
 # --------------------------------------------------------------------------- parts
 
 

@@ -167,6 +167,7 @@ def cmd_ratings_export_round(args: argparse.Namespace) -> int:
         seed=args.seed,
         modality=args.modality,
         device=cfg.run.device,
+        dtype=cfg.model.dtype,
     )
     n = len(prompts) * args.per_prompt * len(adapters)
     shown = ", ".join(a or "no adapter" for a in adapters)
@@ -386,6 +387,17 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dev_make_standins(args: argparse.Namespace) -> int:
+    from medrl.standins import make_standins, standin_overrides
+
+    paths = make_standins(args.out, seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    print("point the GPU preset at them (add size overrides such as model.resolution=64):")
+    print("  " + " ".join(standin_overrides(args.out)))
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     import shlex
 
@@ -546,6 +558,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = cfg.add_parser("docs", help="write docs/config.md from the config dataclasses")
     p.add_argument("--out", default="docs/config.md")
     p.set_defaults(func=cmd_config_docs)
+
+    dev = sub.add_parser("dev", help="for trying a cluster job before it runs").add_subparsers(
+        dest="dev_command", required=True
+    )
+    p = dev.add_parser(
+        "make-standins",
+        help="write small random stand-ins of the GPU preset's hub models (SD 1.5 pipeline "
+        "folder, BioMedBERT, ViT) in their hub layout, to dry-run configs/fundus-sd15.yaml",
+    )
+    p.add_argument("out", help="directory to create (must not exist or be empty)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_dev_make_standins)
 
     ratings = sub.add_parser(
         "ratings", help="expert ratings: ingest into SQLite, export, agreement, simulate"

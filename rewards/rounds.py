@@ -124,6 +124,7 @@ def export_round(
     seed: int = 0,
     modality: str = "fundus",
     device: str = "auto",
+    dtype: str = "float32",
 ) -> Path:
     """Sample ``per_prompt`` images per prompt from each generator variant; a blind sheet.
 
@@ -145,7 +146,7 @@ def export_round(
 
     from generators.images import save_png, to_uint8
     from generators.lora import load_adapter_into
-    from generators.model import load_generator, resolve_device
+    from generators.model import inference_dtype, load_generator, resolve_device
     from generators.sampling import sample
     from rewards.ratings import COLUMNS
     from rewards.simulated import _write_csv_atomic
@@ -170,9 +171,10 @@ def export_round(
         dev = resolve_device(device)
         entries: list[dict[str, Any]] = []
         for adapter in adapters:
-            gen = load_generator(generator_dir).to(dev)
+            gen = load_generator(generator_dir)
             if adapter:
                 load_adapter_into(gen.pipe, adapter)
+            gen = gen.to(dev, inference_dtype(dtype, dev))  # model.dtype on a GPU
             with torch.inference_mode():
                 batch = sample(
                     gen,
