@@ -92,11 +92,28 @@ def main() -> None:
         said = np.array(["left eye" in p for p in prompts_])
         hits = np.array([(m["laterality"] == "left") == s for m, s in zip(ms, said, strict=True)])
         x = np.array([m["disc_x"] for m in ms])
+        side = (x < 0.4) | (x > 0.6)
         print(
             f"eye of {len(imgs)} images, {name}: {hits.mean():.2f} show the prompt's eye; disc x "
             f"{x[said].mean():.2f} +- {x[said].std():.2f} (left-eye prompts), "
-            f"{x[~said].mean():.2f} +- {x[~said].std():.2f} (right)"
+            f"{x[~said].mean():.2f} +- {x[~said].std():.2f} (right); the disc at a side "
+            f"(x < 0.4 or > 0.6) in {int(side.sum())} of {len(x)}"
         )
+    # how far apart the text encoder puts the two eyes, against another diagnosis
+    from rewards.contrastive import swap_eye
+
+    p = val_prompts[0]
+    other = next((q for q in val_prompts if q.split(",")[2:] != p.split(",")[2:]), p)
+    if ("left eye" in p) != ("left eye" in other):
+        other = swap_eye(other)  # the same eye, another diagnosis
+    with torch.no_grad():
+        h = gen.encode_prompts([p, swap_eye(p), other])
+    norm = h[0].norm()
+    print(
+        f"text encoder: swapping the eye changes a prompt's encoding by "
+        f"{(h[0] - h[1]).norm() / norm:.2f} of its norm, another diagnosis by "
+        f"{(h[0] - h[2]).norm() / norm:.2f}"
+    )
     if args.rewards:  # does the alignment reward see the eye on the fine-tuned samples?
         from rewards.contrastive import swap_eye
         from rewards.models import load_alignment

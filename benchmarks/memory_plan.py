@@ -50,7 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GIB = 2**30
-#: published architecture configs of the GPU preset's hub ids (their config.json files)
+#: architecture configs of the GPU preset's hub ids, from their published config.json
+#: files (written here from the model cards, not downloaded: BioMedBERT as BERT-base with
+#: the 30522-token vocabulary; a local folder's config.json takes precedence)
 KNOWN = {
     ("stable-diffusion-v1-5/stable-diffusion-v1-5", "unet"): {
         "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
