@@ -161,7 +161,7 @@ def probe_scratch(args) -> None:
     else:
         overrides += ["model.text_encoder.pretrained=null", "model.text_encoder.subfolder=null",
                       "model.text_encoder.tokenizer_subfolder=null"]  # fmt: skip
-    cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, *args.set])
     manifest = Path(args.manifest or "data/demo/manifest.parquet")
     data = dataclasses.replace(cfg.data, root=str(manifest.parent))
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,7 +176,8 @@ def probe_scratch(args) -> None:
     eye_short, _, _ = eye_share(gen, short, list(range(48)))
     print(
         f"UNet from scratch, {args.steps} steps at lr {args.lr}, text encoder "
-        f"{args.text_encoder or 'the demo one, trained with it'} ({seconds:.0f} s): held-out "
+        f"{args.text_encoder or 'the demo one, trained with it'} {' '.join(args.set)} "
+        f"({seconds:.0f} s): held-out "
         f"eye {eye:.2f} (gold {gold:.2f}, quality {q:.2f}); short prompts eye {eye_short:.2f}"
     )
 
@@ -200,6 +201,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--text-encoder", default=None, help="a pretrained BERT folder")
+    p.add_argument("--set", nargs="*", default=[], help="config overrides (key=value)")
     p.add_argument("--manifest", default=None)
     args = parser.parse_args()
     (probe_filter if args.probe == "filter" else probe_scratch)(args)

@@ -74,6 +74,12 @@ class UNetConfig:
     )
     attention_head_dim: int = _f(8, "channels per attention head (built models)", min=1)
     norm_num_groups: int = _f(8, "GroupNorm groups (built models)", min=1)
+    text_time_embedding: bool = _f(
+        False,
+        "also add an attention-pooled text embedding to the time embedding (diffusers' "
+        "addition_embed_type 'text'): a global text pathway beside cross-attention (built "
+        "models; benchmarks/eye_probe.py)",
+    )
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -175,6 +176,14 @@ def build_unet(
             max(1, c // cfg.attention_head_dim) for c in cfg.block_out_channels
         ),
         norm_num_groups=cfg.norm_num_groups,
+        **(
+            {
+                "addition_embed_type": "text",
+                "addition_embed_type_num_heads": math.gcd(cross_attention_dim, 8),
+            }
+            if cfg.text_time_embedding
+            else {}
+        ),  # fmt: skip
     )
 
 

@@ -132,3 +132,31 @@ def test_demo_tokenizer_knows_the_prompt_words(tiny_cfg, tiny_gen):
     assert tok.unk_token_id not in tok("right eye, exudates").input_ids
     left, right = tiny_gen.encode_prompts(["left eye", "right eye"])
     assert not torch.allclose(left, right)
+
+
+def test_text_time_embedding_is_a_second_text_pathway(tiny_cfg):
+    """model.unet.text_time_embedding: with every cross-attention's values zeroed the text
+    still reaches the UNet, through the pooled embedding added to the time embedding."""
+    from dataclasses import replace
+
+    from generators.model import build_generator
+
+    model = replace(tiny_cfg.model, unet=replace(tiny_cfg.model.unet, text_time_embedding=True))
+    gen = build_generator(model, seed=0)
+    assert gen.unet.config.addition_embed_type == "text"
+    with torch.no_grad():
+        for name, p in gen.unet.named_parameters():
+            if "attn2.to_v" in name:
+                p.zero_()
+        prompts = ["colour fundus photograph, left eye", "colour fundus photograph, right eye"]
+        x = torch.randn(1, 4, gen.latent_size, gen.latent_size).repeat(2, 1, 1, 1)
+        out = gen.unet(
+            x, torch.tensor([500, 500]), encoder_hidden_states=gen.encode_prompts(prompts)
+        ).sample
+        assert (out[0] - out[1]).abs().max() > 1e-4
+        gen.unet.add_embedding = None  # without the pooled pathway the prompts look alike
+        gen.unet.config.addition_embed_type = None
+        out = gen.unet(
+            x, torch.tensor([500, 500]), encoder_hidden_states=gen.encode_prompts(prompts)
+        ).sample
+        assert (out[0] - out[1]).abs().max() < 1e-6
