@@ -141,16 +141,17 @@ def probe_filter(args) -> None:
 
 def probe_scratch(args) -> None:
     from generators.finetune import finetune
-    from generators.model import load_generator
     from medrl.config import load_config
 
+    every = args.every or args.steps
     overrides = [
         "model.unet.pretrained=null",
         "model.unet.subfolder=null",
         f"finetune.steps={args.steps}",
         f"finetune.lr={args.lr}",
         "finetune.sample_every=0",
-        f"finetune.checkpoint_every={args.steps}",
+        f"finetune.checkpoint_every={every}",
+        f"finetune.keep_checkpoints={args.steps // every + 1}",
         "finetune.vae_steps=0",
     ]
     if args.text_encoder:
@@ -164,22 +165,29 @@ def probe_scratch(args) -> None:
     cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, *args.set])
     manifest = Path(args.manifest or "data/demo/manifest.parquet")
     data = dataclasses.replace(cfg.data, root=str(manifest.parent))
+    from rewards.pools import list_checkpoints, load_checkpoint_generator
+
+    eval_p, eval_s = held_out(manifest)
+    short = [SHORT[i % 2] for i in range(48)]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        res = finetune(Path(tmp) / "run", cfg.model, data, cfg.finetune, cfg.sampling, seed=0,
+        finetune(Path(tmp) / "run", cfg.model, data, cfg.finetune, cfg.sampling, seed=0,
                        device="cpu")  # fmt: skip
-        gen = load_generator(res.generator_dir)
         seconds = time.time() - t0
-    eval_p, eval_s = held_out(manifest)
-    eye, gold, q = eye_share(gen, eval_p, eval_s)
-    short = [SHORT[i % 2] for i in range(48)]
-    eye_short, _, _ = eye_share(gen, short, list(range(48)))
-    print(
-        f"UNet from scratch, {args.steps} steps at lr {args.lr}, text encoder "
-        f"{args.text_encoder or 'the demo one, trained with it'} {' '.join(args.set)} "
-        f"({seconds:.0f} s): held-out "
-        f"eye {eye:.2f} (gold {gold:.2f}, quality {q:.2f}); short prompts eye {eye_short:.2f}"
-    )
+        print(
+            f"UNet from scratch, {args.steps} steps at lr {args.lr}, text encoder "
+            f"{args.text_encoder or 'the demo one, trained with it'} {' '.join(args.set)} "
+            f"({seconds:.0f} s):"
+        )
+        for ckpt in list_checkpoints(Path(tmp) / "run"):
+            gen = load_checkpoint_generator(Path(tmp) / "run", ckpt)
+            eye, gold, q = eye_share(gen, eval_p, eval_s)
+            eye_short, _, _ = eye_share(gen, short, list(range(48)))
+            print(
+                f"  {ckpt.name}: held-out eye {eye:.2f} (gold {gold:.2f}, quality {q:.2f}); "
+                f"short prompts eye {eye_short:.2f}",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -202,6 +210,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--text-encoder", default=None, help="a pretrained BERT folder")
     p.add_argument("--set", nargs="*", default=[], help="config overrides (key=value)")
+    p.add_argument("--every", type=int, default=0, help="measure every N steps (0: the end)")
     p.add_argument("--manifest", default=None)
     args = parser.parse_args()
     (probe_filter if args.probe == "filter" else probe_scratch)(args)
