@@ -17,6 +17,7 @@ An unknown key, a value of the wrong type or out of range raises
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import types
@@ -249,6 +250,8 @@ def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
     for v in values:
         if not isinstance(v, (int, float)):
             return
+        if not math.isfinite(v):  # NaN passes every comparison below; inf is no setting
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             bounds = " and ".join(
                 s

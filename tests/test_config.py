@@ -37,6 +37,11 @@ def test_defaults_and_overrides_are_typed():
         ("model.unet.block_out_channels=[4,32]", ["model.unet.block_out_channels", ">= 8"]),
         ("run.name=a/b", ["run.name"]),
         ("finetune.steps", ["key.sub=value"]),
+        # NaN passes every min/max comparison; it used to be accepted (issue 13)
+        ("rl.lr=nan", ["rl.lr", "not a finite number"]),
+        ("rl.lr=.nan", ["rl.lr", "not a finite number"]),
+        ("rewards.threshold=nan", ["rewards.threshold", "not a finite number"]),
+        ("rl.clip_range=.inf", ["rl.clip_range", "not a finite number"]),
     ],
 )
 def test_bad_values_name_the_key(override, words):
