@@ -62,7 +62,7 @@ def standins(tmp_path_factory) -> Path:
     return root
 
 
-def test_standins_have_the_hub_layout_and_load_as_real_weights_do(standins):
+def test_standins_have_the_hub_layout_and_load_as_real_weights_do(standins, capsys):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import AutoModel, AutoTokenizer, ViTModel
 
@@ -96,6 +96,12 @@ def test_standins_have_the_hub_layout_and_load_as_real_weights_do(standins):
     vit = standins / VIT_DIR
     assert (vit / "preprocessor_config.json").is_file()
     assert ViTModel.from_pretrained(vit, use_safetensors=True).config.image_size == 64
+
+    from medrl.cli import main  # a second run never writes over them
+
+    capsys.readouterr()
+    assert main(["dev", "make-standins", str(standins)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
 
 
 @pytest.mark.slow
