@@ -51,10 +51,11 @@ from tqdm.auto import tqdm
 from generators.config import DataConfig, FinetuneConfig, ModelConfig, SamplingConfig
 from generators.images import make_grid, save_png, to_uint8
 from generators.lora import (
+    ADAPTER_NAME,
     attach_lora,
     get_adapter_state,
     merge_lora,
-    save_adapter,
+    save_adapter_state,
     set_adapter_state,
 )
 from generators.model import Generator, build_generator, resolve_device
@@ -632,17 +633,20 @@ def finetune(
     base_dir = run_dir / "generator"
     grid = _sample_grid(gen, grid_prompts, sampling)
     done = max(ft.steps, start)
+    adapter = None
     if ft.mode == "lora":
-        adapter_dir = run_dir / "adapter"
-        save_adapter(
-            gen.unet,
-            adapter_dir,
-            extra={"base": _base_name(model_cfg), "merged_into": "generator", "step": done},
-        )
+        adapter = (get_adapter_state(gen.unet), gen.unet.peft_config[ADAPTER_NAME])
         merge_lora(gen.unet)
     gen.save(
         base_dir, finetune={"mode": ft.mode, "steps": done, "text_encoder": ft.train_text_encoder}
     )
+    if adapter is not None:  # after generator/: an adapter marked merged is always in it
+        adapter_dir = run_dir / "adapter"
+        save_adapter_state(
+            *adapter,
+            adapter_dir,
+            extra={"base": _base_name(model_cfg), "merged_into": "generator", "step": done},
+        )
     save_png(grid, run_dir / "samples" / "finetune-grid.png")
     return FinetuneResult(base_dir, adapter_dir, done, start, loss_value)
 
