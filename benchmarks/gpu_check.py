@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
         device = torch.device("cuda")
     else:
         raise SystemExit("gpu_check: no GPU visible (use --cpu-smoke on a CPU)")
+    if device.type == "cuda":  # as Ray Train does on GPUs: ZeRO's collectives need NCCL
+        from rl.learner import init_single_process_group
+
+        init_single_process_group("nccl")
     t0 = time.perf_counter()
     gen = build(cfg, args.cpu_smoke)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:

@@ -134,8 +134,9 @@ def _deepspeed_env(cpu_shm: bool) -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def init_single_process_group() -> None:
-    """A one-rank process group (gloo) for running the learner outside Ray Train."""
+def init_single_process_group(backend: str = "gloo") -> None:
+    """A one-rank process group for running the learner outside Ray Train (gloo; pass
+    ``nccl`` on a GPU, where ZeRO's collectives on CUDA tensors need it)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -150,7 +151,7 @@ def init_single_process_group() -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group(backend, rank=0, world_size=1)
 
 
 class Learner:
