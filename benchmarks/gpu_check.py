@@ -16,6 +16,9 @@ sampling steps, guidance and LoRA, and times with medrl's own classes:
   (1 / (1 / sampling + 1 / learning)), against ``target_samples_per_s`` 2.2 (issue 11:
   about ten times the published DDPO reference's rate per A100).
 
+Sampler and learner share the one GPU: about 5.7 + 20 GiB at the preset's
+``rl.micro_batch`` 4 (benchmarks/memory_plan.py); on a 24 GB card add ``rl.micro_batch=2``.
+
 ``--cpu-smoke`` runs the same path with a tiny UNet (the stand-ins' widths), 64 px and
 4 steps on the CPU: what the test runs. Any ``key=value`` overrides the preset.
 """
