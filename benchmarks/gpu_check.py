@@ -57,11 +57,11 @@ PROMPT = "colour fundus photograph, left eye, moderate non-proliferative diabeti
 
 def build(cfg, smoke: bool):
     """The generator of the preset's architecture, random weights (meta-free: real tensors)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from memory_plan import KNOWN
     from transformers import BertConfig, BertModel
 
-    from generators.model import Generator, build_scheduler, build_tokenizer
+    from generators.model import Generator, assemble_pipeline, build_scheduler, build_tokenizer
 
     sd = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     unet_cfg, vae_cfg = dict(KNOWN[(sd, "unet")]), dict(KNOWN[(sd, "vae")])
@@ -79,15 +79,12 @@ def build(cfg, smoke: bool):
     text = BertModel(BertConfig(**text_cfg), add_pooling_layer=False)
     text.config.use_attention_mask = True
     sched_cfg = replace(cfg.model.scheduler, pretrained=None)
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_config(vae_cfg),
-        text_encoder=text,
-        tokenizer=tokenizer,
-        unet=UNet2DConditionModel.from_config(unet_cfg),
-        scheduler=build_scheduler(sched_cfg),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = assemble_pipeline(
+        UNet2DConditionModel.from_config(unet_cfg),
+        AutoencoderKL.from_config(vae_cfg),
+        text,
+        tokenizer,
+        build_scheduler(sched_cfg),
     )
     return Generator(pipe=pipe, resolution=cfg.model.resolution)
 

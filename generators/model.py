@@ -298,7 +298,8 @@ class Generator:
         return path
 
 
-def _assemble(unet, vae, text_encoder, tokenizer, scheduler) -> StableDiffusionPipeline:
+def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> StableDiffusionPipeline:
+    """The parts as a ``StableDiffusionPipeline`` without safety checker, progress bar off."""
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -340,7 +341,7 @@ def build_generator(cfg: ModelConfig, seed: int = 0) -> Generator:
             f"{vae.config.latent_channels} latent channels"
         )
     scheduler = build_scheduler(cfg.scheduler)
-    pipe = _assemble(unet, vae, text_encoder, tokenizer, scheduler)
+    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
     for module in (unet, vae, text_encoder):
         module.eval()
     return Generator(pipe=pipe, resolution=cfg.resolution, vae_untrained=cfg.vae.pretrained is None)

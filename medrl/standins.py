@@ -112,13 +112,10 @@ def _clip_tokenizer(out: Path):
 
 
 def _write_sd(out: Path, seed: int) -> None:
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from generators.model import assemble_pipeline
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -168,23 +165,10 @@ def _write_sd(out: Path, seed: int) -> None:
         steps_offset=1,
         trained_betas=None,
     )
-    tmp_tok = Path(tempfile.mkdtemp())
-    try:
-        tokenizer = _clip_tokenizer(tmp_tok / "tok")
-    finally:
-        shutil.rmtree(tmp_tok, ignore_errors=True)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    out.mkdir(parents=True)
+    tokenizer = _clip_tokenizer(out / "tokenizer")  # vocab.json + merges.txt, as on the hub
+    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
     pipe.save_pretrained(out, safe_serialization=True)
-    _write_clip_vocab(out / "tokenizer")  # the slow-tokenizer files the hub folder has too
 
 
 def _write_vit(out: Path, seed: int) -> None:

@@ -109,6 +109,7 @@ def test_the_gpu_preset_runs_end_to_end_on_the_standins(
     standins, tmp_path, monkeypatch, capsys, caplog
 ):
     from safetensors.torch import load_file
+    from transformers import AutoModel
 
     from generators.datasets import ingest_csv
     from generators.finetune import load_run_generator
@@ -145,7 +146,7 @@ def test_the_gpu_preset_runs_end_to_end_on_the_standins(
     run = runs / "sd"
     gen = load_run_generator(run)
     base_te = load_generator(run / "generator").text_encoder  # the saved, trained one
-    shipped_te = __import__("transformers").AutoModel.from_pretrained(standins / BERT_DIR)
+    shipped_te = AutoModel.from_pretrained(standins / BERT_DIR)
     moved = max(
         (a - b).abs().max().item()
         for a, b in zip(base_te.parameters(), shipped_te.parameters(), strict=False)
