@@ -11,7 +11,7 @@ EXTRAS ?= test,fid
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: install demo demo-weights test test-fast lint format bench clean
+.PHONY: install browser demo demo-weights test test-fast lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,18 @@ demo: install
 demo-weights: install
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/python -m medrl.demo_weights --config configs/demo.yaml
 
-test: install lint
+# The rating workbench's browser tests (tests/rewards/test_workbench_browser.py) drive
+# Debian's chromium through Playwright. Installed here when we can (root with apt-get);
+# otherwise those tests say so and skip (CI sets MEDRL_REQUIRE_BROWSER=1: they fail).
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null || \
+		(apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null); \
+	else echo "no $(CHROMIUM): the workbench's browser tests will skip (Debian: sudo apt-get install chromium)"; fi
+
+test: install browser lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install

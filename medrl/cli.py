@@ -118,10 +118,71 @@ def cmd_ratings_export(args: argparse.Namespace) -> int:
 def cmd_ratings_agreement(args: argparse.Namespace) -> int:
     import json
 
-    from rewards.ratings import agreement_report, format_agreement
+    from rewards.ratings import agreement_report, connect, format_agreement, read_ratings
+    from rewards.workbench.store import self_agreement
 
-    report = agreement_report(_ratings_db(args))
-    print(json.dumps(report, indent=2) if args.json else format_agreement(report))
+    db = _ratings_db(args)
+    frame = read_ratings(db)
+    if args.round is not None:
+        frame = frame[frame["round"] == args.round]
+        if frame.empty:
+            raise ValueError(f"{db}: no ratings of round {args.round!r}")
+    report = agreement_report(frame)
+    conn = connect(db)
+    try:
+        report["self_agreement"] = self_agreement(conn, args.round)
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(format_agreement(report))
+    for s in report["self_agreement"]:
+        print(
+            f"  {s['rater']} (round {s['round']}): self-agreement {s['exact']:.0%} same rating "
+            f"on {s['pairs']} repeated images, mean |difference| {s['mean_abs_diff']:.2f}"
+        )
+    return 0
+
+
+def _workbench(args: argparse.Namespace, register: bool):
+    from rewards.workbench.store import Workbench
+
+    cfg = _load(args)
+    db = args.db or cfg.rewards.ratings_db
+    return Workbench(
+        db,
+        args.round,
+        protocol=getattr(args, "protocol", None),
+        repeats=getattr(args, "repeats", None),
+        seed=getattr(args, "seed", 0),
+        images_root=cfg.rewards.images_root or None,
+        register=register,
+    )
+
+
+def cmd_ratings_invite(args: argparse.Namespace) -> int:
+    bench = _workbench(args, register=False)
+    token = bench.invite(
+        args.name, role="admin" if args.admin else "rater", expert_level=args.expert_level
+    )
+    page = "/admin" if args.admin else "/"
+    print(f"{'admin' if args.admin else 'rater'} {args.name!r}, round {bench.round!r}:")
+    print(f"  {args.url.rstrip('/')}{page}#token={token}")
+    print("send this link to them only (it is shown once; inviting again replaces it)")
+    return 0
+
+
+def cmd_ratings_serve(args: argparse.Namespace) -> int:
+    from rewards.workbench.app import serve
+
+    bench = _workbench(args, register=True)
+    print(
+        f"round {bench.round!r} ({len(bench.images)} images, protocol {bench.protocol}, "
+        f"{bench.repeats} repeats) on http://{args.host}:{args.port}/ ; raters: "
+        f"{', '.join(bench.raters()) or 'none yet (medrl ratings invite NAME --round ...)'}"
+    )
+    serve(bench, host=args.host, port=args.port, allow_remote=args.allow_remote)
     return 0
 
 
@@ -606,8 +667,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = ratings.add_parser("agreement", help="inter-rater agreement (Krippendorff alpha, kappa)")
     p.add_argument("--db", default=None, help=db_help)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--round", default=None, help="only the ratings of this round")
     _add_config_args(p)
     p.set_defaults(func=cmd_ratings_agreement)
+    p = ratings.add_parser(
+        "serve", help="the rating workbench: raters rate a round in their browser"
+    )
+    p.add_argument("--round", required=True, help="round folder (medrl ratings export-round)")
+    p.add_argument(
+        "--protocol",
+        choices=["cs787", "aspects"],
+        default=None,
+        help="cs787: one 1-3 rating; aspects: 1-3 plus six aspects 0-10 (fixed at the "
+        "round's first serve; default cs787)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="images each rater sees twice, for self-agreement (fixed at the first serve; "
+        "default: a tenth of the round, at most 5)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the raters' queue orders")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8787)
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="serve on a non-loopback --host (plain HTTP: only behind your own TLS proxy)",
+    )
+    p.add_argument("--db", default=None, help=db_help)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_ratings_serve)
+    p = ratings.add_parser("invite", help="a personal link for a rater (or --admin) of a round")
+    p.add_argument("name", help="the rater's id (stored as rater_id with every rating)")
+    p.add_argument("--round", required=True, help="round folder")
+    p.add_argument("--admin", action="store_true", help="a link to the progress page instead")
+    p.add_argument("--expert-level", default="", help="stored as expert_level with the ratings")
+    p.add_argument(
+        "--url", default="http://127.0.0.1:8787", help="the address raters open (a tunnel's)"
+    )
+    p.add_argument("--db", default=None, help=db_help)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_ratings_invite)
     p = ratings.add_parser(
         "export-round",
         help="draw the run's samples into a blind rating sheet (a new rating round)",

@@ -1,0 +1,6 @@
+"""The rating workbench: experts rate a round's images in a browser (``medrl ratings serve``).
+
+:mod:`rewards.workbench.store` keeps raters, their queues and every answer in the ratings
+store (one SQLite transaction per answer, WAL); :mod:`rewards.workbench.app` is the
+FastAPI application that serves the pages. docs/rating.md is the guide.
+"""

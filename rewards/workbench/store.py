@@ -1,0 +1,592 @@
+"""Raters, queues and answers of a rating round, kept in the ratings store.
+
+A round folder (``medrl ratings export-round``: ``sheet.csv``, ``images/``, the private
+``.key.json``) is served to raters who each hold a personal token (``medrl ratings
+invite``; only its SHA-256 is stored). Each rater gets their own queue: the round's
+images in an order randomised per rater, plus ``repeats`` images shown a second time
+later in the queue to measure the rater's self-agreement. Queue entries have random ids,
+so an id says nothing about the image and cannot be guessed for another rater's queue.
+
+Every answer is one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``) that
+- checks the answer's one-time nonce (issued with the item; a replayed request is refused),
+- writes the rating to the ``ratings`` table exactly as ``medrl ratings ingest`` would
+  for the filled sheet (the round key fills in generator and seed; the image path is
+  stored relative to the store's folder), unless the entry is a repeat,
+- and logs the answer, with the rater's comment, in ``workbench_answers``.
+A changed answer is a new rating with a later timestamp: the history stays and training
+uses each rater's latest (:func:`rewards.ratings.latest_per_rater`). Repeats go to the
+log only, so each rater still counts once per image in training and agreement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rewards import rounds
+from rewards.ratings import ASPECT_MAX, ASPECTS, RATING_VALUES, connect, parse_timestamp
+
+#: The rating protocols a round can be served with.
+PROTOCOLS: dict[str, str] = {
+    "cs787": "one rating per image: 1 poor, 2 fair, 3 good (the IIT Kanpur CS787 study)",
+    "aspects": "the overall 1-3 rating and six aspects scored 0-10 (Prompt-to-Polyp)",
+}
+RUBRIC: dict[int, str] = {
+    1: "Poor: not usable; anatomy, colour or sharpness clearly wrong, or it does not show "
+    "what the prompt asks",
+    2: "Fair: plausible with visible flaws; usable with care",
+    3: "Good: indistinguishable from a real photograph of what the prompt describes",
+}
+ASPECT_HELP: dict[str, str] = {
+    "clinical_realism": "how much it looks like a real clinical image (0 not at all, 10 "
+    "indistinguishable)",
+    "prompt_faithfulness": "how well it shows what the prompt describes (eye, findings, grade)",
+    "abnormality_detectability": "how clearly the abnormalities the prompt names can be seen",
+    "colour_contrast": "how natural the colour and contrast are",
+    "intra_set_diversity": "how different it is from the other images of the same prompt "
+    "you have seen",
+    "confidence_of_use": "how confident you would be to use it for training or teaching",
+}
+ROLES = ("rater", "admin")
+MAX_COMMENT = 2000
+MAX_RATER_ID = 64
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS workbench_rounds (
+    round TEXT PRIMARY KEY,
+    protocol TEXT NOT NULL,
+    repeats INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    round_dir TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workbench_raters (
+    token_hash TEXT PRIMARY KEY,
+    round TEXT NOT NULL,
+    rater_id TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('rater', 'admin')),
+    expert_level TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL,
+    UNIQUE (round, rater_id, role)
+);
+CREATE TABLE IF NOT EXISTS workbench_queue (
+    item_id TEXT PRIMARY KEY,
+    round TEXT NOT NULL,
+    rater_id TEXT NOT NULL,
+    pos INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    repeat_of INTEGER,
+    UNIQUE (round, rater_id, pos)
+);
+CREATE TABLE IF NOT EXISTS workbench_nonces (
+    nonce TEXT PRIMARY KEY,
+    item_id TEXT NOT NULL,
+    issued_at TEXT NOT NULL,
+    used_at TEXT
+);
+CREATE TABLE IF NOT EXISTS workbench_answers (
+    id INTEGER PRIMARY KEY,
+    item_id TEXT NOT NULL,
+    rating INTEGER NOT NULL CHECK (rating BETWEEN 1 AND 3),
+    aspects TEXT NOT NULL DEFAULT '{}',
+    comment TEXT NOT NULL DEFAULT '',
+    rating_id INTEGER,
+    nonce TEXT NOT NULL UNIQUE,
+    submitted_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS workbench_answers_by_item ON workbench_answers (item_id);
+"""
+
+
+class WorkbenchError(ValueError):
+    """A refused request: ``status`` is the HTTP status the app answers with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Rater:
+    rater_id: str
+    role: str
+    expert_level: str = ""
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def _now() -> str:
+    return parse_timestamp(datetime.now(timezone.utc).isoformat())
+
+
+class Workbench:
+    """One round served from one ratings store. Thread-safe: a connection per thread.
+
+    Args:
+        db: the ratings store (``rewards.ratings_db``); created if missing.
+        round_dir: the round folder (its ``.key.json`` names the round).
+        protocol: ``cs787`` or ``aspects``; fixed when the round is first served (a later
+            serve with another protocol is refused). None: the stored one, else cs787.
+        repeats: images each rater sees twice (self-agreement); fixed like the protocol.
+        seed: seeds every rater's queue order (with the rater's name).
+        images_root: ratings store image paths relative to this folder (absolute outside
+            it), as ``medrl ratings ingest`` does; default: the store's folder.
+        register: fix the round's protocol and repeats now if they are not yet (serving
+            does; inviting a rater does not, so raters can be invited before the round is
+            first served).
+    """
+
+    def __init__(
+        self,
+        db: str | Path,
+        round_dir: str | Path,
+        *,
+        protocol: str | None = None,
+        repeats: int | None = None,
+        seed: int = 0,
+        images_root: str | Path | None = None,
+        register: bool = True,
+    ):
+        self.db = Path(db)
+        self.images_root = Path(images_root) if images_root else self.db.parent
+        self.round_dir = Path(round_dir).resolve()
+        self.key = rounds.find_key(self.round_dir / rounds.SHEET_FILE, self.round_dir)
+        self.round = str(self.key["round"])
+        sheet = pd.read_csv(self.round_dir / rounds.SHEET_FILE, dtype=str, keep_default_na=False)
+        self.images: list[str] = list(dict.fromkeys(sheet["image_path"]))
+        self.prompts: dict[str, str] = dict(zip(sheet["image_path"], sheet["prompt"], strict=True))
+        self.modality: dict[str, str] = dict(
+            zip(sheet["image_path"], sheet.get("modality", [""] * len(sheet)), strict=True)
+        )
+        missing = [p for p in self.images if p not in self.key["images"]]
+        if missing:
+            raise ValueError(f"{self.round_dir}: sheet images not in the round key: {missing[:3]}")
+        if protocol is not None and protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+        if repeats is not None and not 0 <= repeats <= len(self.images):
+            raise ValueError(f"repeats {repeats}: from 0 to the round's {len(self.images)} images")
+        self._local = threading.local()
+        with self.transaction() as conn:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            row = conn.execute(
+                "SELECT protocol, repeats, seed FROM workbench_rounds WHERE round = ?",
+                (self.round,),
+            ).fetchone()
+            if row is None and not register:
+                self.protocol, self.repeats, self.seed = "", 0, seed
+            elif row is None:
+                self.protocol = protocol or "cs787"
+                self.repeats = min(5, len(self.images) // 10) if repeats is None else repeats
+                self.seed = seed
+                conn.execute(
+                    "INSERT INTO workbench_rounds VALUES (?, ?, ?, ?, ?, ?)",
+                    (self.round, self.protocol, self.repeats, seed, str(self.round_dir), _now()),
+                )
+            else:
+                self.protocol, self.repeats, self.seed = row[0], int(row[1]), int(row[2])
+                for name, asked, stored in (
+                    ("protocol", protocol, self.protocol),
+                    ("repeats", repeats, self.repeats),
+                ):
+                    if asked is not None and asked != stored:
+                        raise ValueError(
+                            f"round {self.round!r} is served with {name} {stored!r} "
+                            f"(first serve); it cannot change to {asked!r}"
+                        )
+
+    # ------------------------------------------------------------------ connections
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.db)
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: the store's write lock is taken first, so what is read
+        inside is what the writes are checked against."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # ------------------------------------------------------------------ raters
+
+    def invite(self, rater_id: str, *, role: str = "rater", expert_level: str = "") -> str:
+        """A new personal token for ``rater_id`` (printed once; only its hash is kept).
+
+        Inviting a rater again replaces their token (the old link stops working); their
+        queue and answers stay.
+        """
+        rater_id = rater_id.strip()
+        if not rater_id or len(rater_id) > MAX_RATER_ID or not rater_id.isprintable():
+            raise ValueError(f"rater name {rater_id!r}: 1-{MAX_RATER_ID} printable characters")
+        if role not in ROLES:
+            raise ValueError(f"role {role!r}: rater or admin")
+        token = secrets.token_urlsafe(24)
+        with self.transaction() as conn:
+            conn.execute(
+                "DELETE FROM workbench_raters WHERE round = ? AND rater_id = ? AND role = ?",
+                (self.round, rater_id, role),
+            )
+            conn.execute(
+                "INSERT INTO workbench_raters VALUES (?, ?, ?, ?, ?, ?)",
+                (hash_token(token), self.round, rater_id, role, expert_level, _now()),
+            )
+        return token
+
+    def who(self, token: str | None) -> Rater:
+        """The rater holding ``token`` in this round; WorkbenchError 401 otherwise."""
+        if not token or len(token) > 200:
+            raise WorkbenchError(401, "no rater token: open the link you were given")
+        row = (
+            self._conn()
+            .execute(
+                "SELECT rater_id, role, expert_level FROM workbench_raters "
+                "WHERE token_hash = ? AND round = ?",
+                (hash_token(token), self.round),
+            )
+            .fetchone()
+        )
+        if row is None:
+            raise WorkbenchError(401, "unknown or replaced rater token: ask for a new link")
+        return Rater(row[0], row[1], row[2])
+
+    def raters(self) -> list[str]:
+        rows = self._conn().execute(
+            "SELECT DISTINCT rater_id FROM workbench_raters WHERE round = ? AND role = 'rater' "
+            "ORDER BY rater_id",
+            (self.round,),
+        )
+        return [r[0] for r in rows]
+
+    # ------------------------------------------------------------------ queues
+
+    def _queue_order(self, rater_id: str) -> list[tuple[str, int | None]]:
+        """(image, pos of the original or None) in this rater's order."""
+        digest = hashlib.sha256(f"{self.round}\0{rater_id}".encode()).digest()
+        rng = np.random.default_rng([self.seed, int.from_bytes(digest[:8], "little")])
+        order: list[tuple[str, int | None]] = [
+            (self.images[i], None) for i in rng.permutation(len(self.images))
+        ]
+        if self.repeats:
+            n = len(order)
+            # repeat images from the first half, shown again in the second half
+            firsts = sorted(rng.choice(max(1, n // 2), size=self.repeats, replace=False))
+            for original in firsts:
+                at = int(rng.integers(max(original + 2, n // 2), len(order) + 1))
+                order.insert(at, (order[original][0], int(original)))
+        return order
+
+    def _ensure_queue(self, rater: Rater) -> int:
+        """The rater's queue length (created on first use, in one transaction)."""
+        if rater.role != "rater":
+            raise WorkbenchError(403, "an admin token has no rating queue; use a rater link")
+        conn = self._conn()
+        n = conn.execute(
+            "SELECT COUNT(*) FROM workbench_queue WHERE round = ? AND rater_id = ?",
+            (self.round, rater.rater_id),
+        ).fetchone()[0]
+        if n:
+            return int(n)
+        order = self._queue_order(rater.rater_id)
+        with self.transaction() as conn:
+            if conn.execute(
+                "SELECT COUNT(*) FROM workbench_queue WHERE round = ? AND rater_id = ?",
+                (self.round, rater.rater_id),
+            ).fetchone()[0]:
+                return len(order)  # another request of the same rater made it first
+            conn.executemany(
+                "INSERT INTO workbench_queue VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (secrets.token_urlsafe(12), self.round, rater.rater_id, pos, image, rep)
+                    for pos, (image, rep) in enumerate(order)
+                ],
+            )
+        return len(order)
+
+    def _entry(self, rater: Rater, item_id: str) -> sqlite3.Row:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT item_id, round, rater_id, pos, image, repeat_of FROM workbench_queue "
+                "WHERE item_id = ?",
+                (item_id,),
+            )
+            .fetchone()
+        )
+        if row is None or row["round"] != self.round:
+            raise WorkbenchError(404, f"no item {item_id!r} in this round")
+        if row["rater_id"] != rater.rater_id:
+            raise WorkbenchError(403, "this item is in another rater's queue, not yours")
+        return row
+
+    def _answered(self, rater: Rater) -> set[int]:
+        rows = self._conn().execute(
+            "SELECT DISTINCT q.pos FROM workbench_answers a JOIN workbench_queue q "
+            "ON a.item_id = q.item_id WHERE q.round = ? AND q.rater_id = ?",
+            (self.round, rater.rater_id),
+        )
+        return {int(r[0]) for r in rows}
+
+    def state(self, rater: Rater) -> dict[str, Any]:
+        """What the rating page needs first: protocol, rubric, progress, where to resume."""
+        total = self._ensure_queue(rater)
+        answered = self._answered(rater)
+        return {
+            "rater": rater.rater_id,
+            "round": self.round,
+            "protocol": self.protocol,
+            "protocol_text": PROTOCOLS[self.protocol],
+            "rubric": {str(k): v for k, v in RUBRIC.items()},
+            "aspects": {a: ASPECT_HELP[a] for a in ASPECTS} if self.protocol == "aspects" else {},
+            "aspect_max": ASPECT_MAX,
+            "total": total,
+            "answered": len(answered),
+            "resume": self.next_pos(rater, -1),
+        }
+
+    def next_pos(self, rater: Rater, after: int) -> int | None:
+        """The first unanswered position after ``after``, wrapping round to skipped ones;
+        None when every item is answered."""
+        total = self._ensure_queue(rater)
+        answered = self._answered(rater)
+        for pos in [*range(after + 1, total), *range(0, min(after + 1, total))]:
+            if pos not in answered:
+                return pos
+        return None
+
+    def item(self, rater: Rater, pos: int) -> dict[str, Any]:
+        """Queue position ``pos`` of this rater: the prompt, the image's URL, the rater's
+        latest answer to it, and a fresh nonce for the next answer. Nothing in it names the
+        generator, adapter, seed or file."""
+        total = self._ensure_queue(rater)
+        if not 0 <= pos < total:
+            raise WorkbenchError(404, f"position {pos} is outside your queue (0-{total - 1})")
+        nonce = secrets.token_urlsafe(16)
+        with self.transaction() as conn:
+            row = conn.execute(
+                "SELECT item_id, image FROM workbench_queue WHERE round = ? AND rater_id = ? "
+                "AND pos = ?",
+                (self.round, rater.rater_id, pos),
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO workbench_nonces VALUES (?, ?, ?, NULL)", (nonce, row[0], _now())
+            )
+        last = (
+            self._conn()
+            .execute(
+                "SELECT rating, aspects, comment FROM workbench_answers WHERE item_id = ? "
+                "ORDER BY id DESC LIMIT 1",
+                (row[0],),
+            )
+            .fetchone()
+        )
+        return {
+            "item_id": row[0],
+            "pos": pos,
+            "total": total,
+            "answered": len(self._answered(rater)),
+            "prompt": self.prompts[row[1]],
+            "image": f"/image/{row[0]}",
+            "nonce": nonce,
+            "answer": None
+            if last is None
+            else {"rating": last[0], "aspects": json.loads(last[1]), "comment": last[2]},
+        }
+
+    def image_file(self, rater: Rater, item_id: str) -> Path:
+        entry = self._entry(rater, item_id)
+        return self.round_dir / entry["image"]
+
+    # ------------------------------------------------------------------ answers
+
+    def _validate(
+        self, rating: Any, aspects: dict[str, Any] | None, comment: str
+    ) -> tuple[int, dict[str, float]]:
+        if isinstance(rating, bool) or not isinstance(rating, int) or rating not in RATING_VALUES:
+            raise WorkbenchError(422, f"rating {rating!r}: 1 (poor), 2 (fair) or 3 (good)")
+        aspects = dict(aspects or {})
+        unknown = sorted(set(aspects) - set(ASPECTS))
+        if unknown:
+            raise WorkbenchError(422, f"unknown aspects {unknown}; known: {', '.join(ASPECTS)}")
+        clean: dict[str, float] = {}
+        for name in ASPECTS:
+            value = aspects.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise WorkbenchError(422, f"{name} {value!r}: a number from 0 to 10")
+            if not (math.isfinite(value) and 0 <= value <= ASPECT_MAX):
+                raise WorkbenchError(422, f"{name} {value!r}: a number from 0 to 10")
+            clean[name] = float(value)
+        if self.protocol == "aspects" and len(clean) != len(ASPECTS):
+            missing = [a for a in ASPECTS if a not in clean]
+            raise WorkbenchError(422, f"this round rates all six aspects; missing: {missing}")
+        if self.protocol == "cs787" and clean:
+            raise WorkbenchError(422, "this round (cs787) takes the 1-3 rating only, no aspects")
+        if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
+            raise WorkbenchError(422, f"comment: text of at most {MAX_COMMENT} characters")
+        return rating, clean
+
+    def submit(
+        self,
+        rater: Rater,
+        item_id: str,
+        nonce: str,
+        rating: Any,
+        aspects: dict[str, Any] | None = None,
+        comment: str = "",
+    ) -> dict[str, Any]:
+        """Store one answer (see the module docstring); returns the rater's progress."""
+        rating, clean = self._validate(rating, aspects, comment)
+        entry = self._entry(rater, item_id)
+        image = entry["image"]
+        ki = self.key["images"][image]
+        root = self.images_root
+        now = _now()
+        with self.transaction() as conn:
+            used = conn.execute(
+                "SELECT item_id, used_at FROM workbench_nonces WHERE nonce = ?", (nonce,)
+            ).fetchone()
+            if used is None or used[0] != item_id:
+                raise WorkbenchError(409, "this answer's form is not current: reload the page")
+            if used[1] is not None:
+                raise WorkbenchError(409, "this answer was already stored (a repeated request)")
+            conn.execute("UPDATE workbench_nonces SET used_at = ? WHERE nonce = ?", (now, nonce))
+            rating_id = None
+            if entry["repeat_of"] is None:
+                values = {
+                    "image_path": rounds.stored_path(self.round_dir / image, root),
+                    "rating": rating,
+                    "modality": self.modality.get(image, ""),
+                    "expert_level": rater.expert_level,
+                    "prompt": ki["prompt"],
+                    "rater_id": rater.rater_id,
+                    "timestamp": now,
+                    "generator_ckpt": ki["generator_ckpt"],
+                    "seed": int(ki["seed"]),
+                    "round": self.round,
+                    **{a: clean.get(a) for a in ASPECTS},
+                    "source": f"workbench:{self.round_dir}",
+                    "source_line": None,
+                    "ingested_at": now,
+                }
+                cols = ", ".join(values)
+                cur = conn.execute(
+                    f"INSERT INTO ratings ({cols}) VALUES ({', '.join('?' * len(values))})",
+                    tuple(values.values()),
+                )
+                rating_id = cur.lastrowid
+            conn.execute(
+                "INSERT INTO workbench_answers (item_id, rating, aspects, comment, rating_id, "
+                "nonce, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (item_id, rating, json.dumps(clean), comment, rating_id, nonce, now),
+            )
+        answered = self._answered(rater)
+        return {"answered": len(answered), "total": self._ensure_queue(rater)}
+
+    # ------------------------------------------------------------------ results
+
+    def progress(self) -> list[dict[str, Any]]:
+        """Per rater: queue length, answered, changed answers, last activity."""
+        out = []
+        conn = self._conn()
+        for rater_id in self.raters():
+            rater = Rater(rater_id, "rater")
+            total = conn.execute(
+                "SELECT COUNT(*) FROM workbench_queue WHERE round = ? AND rater_id = ?",
+                (self.round, rater_id),
+            ).fetchone()[0]
+            row = conn.execute(
+                "SELECT COUNT(*), MAX(a.submitted_at) FROM workbench_answers a "
+                "JOIN workbench_queue q ON a.item_id = q.item_id "
+                "WHERE q.round = ? AND q.rater_id = ?",
+                (self.round, rater_id),
+            ).fetchone()
+            answered = len(self._answered(rater))
+            out.append(
+                {
+                    "rater": rater_id,
+                    "total": int(total) or len(self.images) + self.repeats,
+                    "answered": answered,
+                    "changes": int(row[0]) - answered,
+                    "last": row[1] or "",
+                }
+            )
+        return out
+
+    def self_agreement(self) -> list[dict[str, Any]]:
+        """Per rater: the repeated images' first and second latest answers, how many agree
+        exactly and the mean absolute difference."""
+        return self_agreement(self._conn(), self.round)
+
+    def round_ratings(self):
+        """This round's stored ratings (a DataFrame as :func:`read_ratings` gives)."""
+        from rewards.ratings import read_ratings
+
+        frame = read_ratings(self.db)
+        return frame[frame["round"] == self.round]
+
+
+def self_agreement(conn: sqlite3.Connection, round_name: str | None = None) -> list[dict[str, Any]]:
+    """Self-agreement of every rater with repeated items (of one round, or all rounds)."""
+    has = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'workbench_answers'"
+    ).fetchone()
+    if not has:
+        return []
+    latest = """SELECT q.round, q.rater_id, q.pos, q.repeat_of, a.rating FROM workbench_queue q
+        JOIN workbench_answers a ON a.id = (SELECT MAX(id) FROM workbench_answers
+                                            WHERE item_id = q.item_id)"""
+    rows = conn.execute(latest).fetchall()
+    by_pos = {(r[0], r[1], r[2]): r[4] for r in rows}
+    pairs: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for rnd, rater_id, _pos, repeat_of, rating in rows:
+        if repeat_of is None or (round_name is not None and rnd != round_name):
+            continue
+        first = by_pos.get((rnd, rater_id, repeat_of))
+        if first is not None:
+            pairs.setdefault((rnd, rater_id), []).append((int(first), int(rating)))
+    out = []
+    for (rnd, rater_id), got in sorted(pairs.items()):
+        a = np.array(got)
+        out.append(
+            {
+                "round": rnd,
+                "rater": rater_id,
+                "pairs": len(got),
+                "exact": float((a[:, 0] == a[:, 1]).mean()),
+                "mean_abs_diff": float(np.abs(a[:, 0] - a[:, 1]).mean()),
+            }
+        )
+    return out
