@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import shlex
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -48,6 +47,7 @@ from eval.report import CopyPair, PromptGrid, render_report
 from eval.utility import utility_report
 from generators.datasets import read_manifest
 from generators.images import IMAGE_SUFFIXES, center_square, load_image, resize, to_tensor, to_uint8
+from runfiles import atomic_write_text, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -321,39 +321,6 @@ class EvalResult:
     metrics_file: Path
     report: Path
     lines: list[str] = field(default_factory=list)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_metrics_jsonl(path: Path | None) -> list[dict]:
-    """The records of a run's metrics.jsonl; unreadable lines are skipped with a warning."""
-    if path is None or not path.is_file():
-        return []
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s line %d: not JSON, skipped", path, n)
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def _command(args: Mapping[str, Any]) -> str:
@@ -710,7 +677,7 @@ def evaluate(
     # ---- report
     log.info("writing the report")
     grids = _prompt_grids(frame, train, gen_prompts, gen_imgs, f_gen, f_train, train_imgs, size)
-    curves = read_metrics_jsonl(samples.metrics_jsonl)
+    curves = read_metrics(samples.metrics_jsonl)
     clean = _jsonable(metrics)
     page = render_report(
         clean,
@@ -722,8 +689,8 @@ def evaluate(
     )
     out_dir = Path(out) if out is not None else samples.run_dir
     metrics_file, report = out_dir / METRICS_FILE, out_dir / REPORT_FILE
-    _write_atomic(metrics_file, json.dumps(clean, indent=2, allow_nan=False) + "\n")
-    _write_atomic(report, page)
+    atomic_write_text(metrics_file, json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(report, page)
     return EvalResult(clean, metrics_file, report, summary_lines(clean))
 
 

@@ -15,7 +15,6 @@ import io
 import logging
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from generators.config import SPLITS
 from generators.datasets import COLUMNS, DataValidationError, RowProblem, read_csv_rows
 from generators.images import IMAGE_SUFFIXES
+from runfiles import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -372,20 +372,8 @@ def convert_labels(
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(COLUMNS)
     writer.writerows(out_rows)
-    _write_text_atomic(buffer.getvalue(), out_path)
+    atomic_write_text(out_path, buffer.getvalue())
     log.info(
         "%s: %d label rows -> %d images in %s", labels.name, source_rows, len(out_rows), out_path
     )
     return out_path
-
-
-def _write_text_atomic(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

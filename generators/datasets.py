@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import posixpath
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from generators.config import MODALITIES, SPLITS
 from generators.images import ImageDecodeError, center_square, load_image, resize, to_tensor
+from runfiles import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -503,15 +503,8 @@ def ingest_csv(
 
 
 def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- reading

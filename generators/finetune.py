@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -60,10 +59,17 @@ from generators.lora import (
 )
 from generators.model import Generator, build_generator, resolve_device
 from generators.sampling import sample
+from runfiles import (
+    METRICS_FILE,
+    append_metrics,
+    read_latest,
+    read_metrics,
+    staged_folder,
+    write_latest,
+)
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
 VAE_DIR = "vae"
 #: the VAE's training state (VAE, discriminator, optimizers) while stage 1 runs
 VAE_STATE_DIR = "vae-train"
@@ -130,31 +136,16 @@ def _batch_indices(n: int, batch_size: int, g: torch.Generator) -> torch.Tensor:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def commit_checkpoint(ckpt_root: Path, name: str, write: callable, keep: int) -> Path:
-    """Write a checkpoint into a temporary dir, rename it into place, then update ``latest``.
+    """Write a checkpoint into a temporary dir, commit it into place, then update ``latest``.
 
     Old checkpoints are deleted only after the new one is committed, oldest first, keeping
     ``keep`` of them.
     """
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / name
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}."))
-    try:
+    with staged_folder(final) as tmp:
         write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _atomic_write_text(ckpt_root / LATEST, name + "\n")
+    write_latest(ckpt_root, name)
     steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
     for old in steps[: max(0, len(steps) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
@@ -162,15 +153,8 @@ def commit_checkpoint(ckpt_root: Path, name: str, write: callable, keep: int) ->
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    pointer = ckpt_root / LATEST
-    if not pointer.is_file():
-        return None
-    path = ckpt_root / pointer.read_text().strip()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{pointer} names {path.name}, which does not exist: the run is damaged"
-        )
-    return path
+    """The checkpoint ``ckpt_root/latest`` names (validated: runfiles.read_latest)."""
+    return read_latest(ckpt_root)
 
 
 # --------------------------------------------------------------------------- stage 1: VAE
@@ -538,10 +522,8 @@ def finetune(
             metrics.append(
                 {"stage": "vae", "step": ft.vae_steps, "psnr": psnr, "scaling_factor": factor}
             )
-            vae_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".vae."))
-            gen.vae.save_pretrained(tmp, safe_serialization=True)
-            os.replace(tmp, vae_dir)
+            with staged_folder(vae_dir) as tmp:
+                gen.vae.save_pretrained(tmp, safe_serialization=True)
             shutil.rmtree(vae_state, ignore_errors=True)  # the finished VAE supersedes it
         else:
             log.warning(
@@ -702,18 +684,10 @@ def _base_name(model_cfg: ModelConfig) -> str:
 
 
 def _flush_metrics(run_dir: Path, metrics: list[dict]) -> None:
-    if not metrics:
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / "metrics.jsonl").open("a") as fh:
-        for m in metrics:
-            fh.write(json.dumps(m) + "\n")
+    append_metrics(run_dir / METRICS_FILE, metrics)
     metrics.clear()
 
 
 def iter_metrics(run_dir: str | os.PathLike) -> Iterator[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                yield json.loads(line)
+    """The run's metrics.jsonl records (runfiles.read_metrics)."""
+    yield from read_metrics(Path(run_dir) / METRICS_FILE)

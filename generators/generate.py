@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from generators.images import save_png, to_uint8
 from generators.lora import load_adapter_into
 from generators.model import Generator, inference_dtype, load_generator, resolve_device
 from generators.sampling import sample
+from runfiles import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +86,8 @@ def generate_images(
     if path.is_file():
         old = pd.read_parquet(path)
         table = pd.concat([old[~old.sample_id.isin(table.sample_id)], table], ignore_index=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{SAMPLES_TABLE}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         table.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -9,7 +9,6 @@ Conventions used across medrl:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,12 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from runfiles import atomic_path
+
 #: File suffixes the data tools decode.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm")
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class ImageDecodeError(ValueError):
@@ -138,14 +135,6 @@ def make_grid(
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a uint8 (H, W, 3) array as PNG atomically (temporary file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode
+    with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

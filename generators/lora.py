@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from generators.config import LoraConfig
+from runfiles import atomic_path, staged_folder
 
 ADAPTER_NAME = "default"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -156,18 +156,17 @@ def save_adapter_state(
 ) -> list[Path]:
     """Write LoRA weights (peft keys) with their peft config as an adapter directory.
 
-    The directory is written beside ``out_dir`` and swapped in: an existing ``out_dir`` is
-    moved aside first and deleted only once the new one is in place.
+    The directory is written beside ``out_dir`` and committed in its place
+    (runfiles.staged_folder): an existing ``out_dir`` is deleted only once the new one is
+    in place.
     """
     bad = sorted(set(formats) - {"diffusers", "kohya"})
     if bad:
         raise ValueError(f"unknown LoRA export format(s) {bad}; allowed: diffusers, kohya")
     out_dir = Path(out_dir)
     spec = spec_from_peft_config(peft_config)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     written = []
-    try:
+    with staged_folder(out_dir) as tmp:
         if "diffusers" in formats:
             metadata = dict(peft_config.to_dict())
             metadata["target_modules"] = sorted(metadata.get("target_modules") or [])
@@ -194,16 +193,6 @@ def save_adapter_state(
             )
             written.append(out_dir / KOHYA_WEIGHTS)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps({**spec, **(extra or {})}, indent=2))
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
-            os.replace(out_dir, old / "adapter")
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return written
 
 
@@ -386,13 +375,15 @@ def export_run_adapter(
         shutil.copyfile(weights, out / DIFFUSERS_WEIGHTS)
         written.append(out / DIFFUSERS_WEIGHTS)
     if "kohya" in formats:
-        tmp = out / f".{KOHYA_WEIGHTS}.tmp"
-        save_file(
-            _kohya_from_peft(peft_state, spec["alpha"]),
-            str(tmp),
-            metadata={"ss_network_dim": str(spec["rank"]), "ss_network_alpha": str(spec["alpha"])},
-        )
-        os.replace(tmp, out / KOHYA_WEIGHTS)
+        with atomic_path(out / KOHYA_WEIGHTS) as tmp:
+            save_file(
+                _kohya_from_peft(peft_state, spec["alpha"]),
+                str(tmp),
+                metadata={
+                    "ss_network_dim": str(spec["rank"]),
+                    "ss_network_alpha": str(spec["alpha"]),
+                },
+            )
         written.append(out / KOHYA_WEIGHTS)
     shutil.copyfile(config_file, out / ADAPTER_CONFIG)
     return written

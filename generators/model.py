@@ -15,8 +15,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -33,6 +31,7 @@ from generators.config import (
     UNetConfig,
     VaeConfig,
 )
+from runfiles import staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -276,25 +275,12 @@ class Generator:
                 "merge_lora) or save the adapter on its own (save_adapter)"
             )
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        try:
+        with staged_folder(path) as tmp:
             self.pipe.save_pretrained(tmp, safe_serialization=True)
             meta = {"resolution": self.resolution, "vae_untrained": self.vae_untrained}
             if finetune:
                 meta["finetune"] = dict(finetune)
             (tmp / GENERATOR_META).write_text(json.dumps(meta))
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
 

@@ -34,6 +34,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from generators.images import make_grid, save_png
+from runfiles import commit_folder
 
 #: Bump when the drawing changes, so an old dataset directory is not taken as current.
 PHANTOM_VERSION = 1
@@ -1177,7 +1178,7 @@ def write_demo_dataset(
         (tmp / _PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
         if out.exists():
             out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
+        commit_folder(tmp, out)  # fsynced; out was empty (removed above)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

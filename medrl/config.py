@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,7 @@ from generators.config import (
 )
 from rewards.config import RewardsConfig
 from rl.config import RLConfig, TuneConfig
+from runfiles import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -367,12 +367,7 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML, atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
@@ -439,10 +434,4 @@ def write_config_docs(path: str | os.PathLike = "docs/config.md") -> Path:
             ]
         cell = help_text.replace("|", "\\|")
         lines.append(f"| `{key}` | {type_name.replace('|', '/')} | `{default}` | {cell} |")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")

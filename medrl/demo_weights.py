@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from medrl.config import RunConfig, load_config, to_dict
+from runfiles import commit_folder
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +189,7 @@ def make_demo_base(cfg: RunConfig, out: str | os.PathLike, command: str = "") ->
         }
         (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")
         os.chmod(tmp, 0o755)
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)  # the previous weights stay until the new ones are in place
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        commit_folder(tmp, out)  # the previous weights stay until the new ones are in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from runfiles import commit_folder
+
 SD_DIR = "stable-diffusion-v1-5"
 BERT_DIR = "BiomedBERT"
 VIT_DIR = "vit-base-patch16-224-in21k"
@@ -208,7 +210,7 @@ def make_standins(out: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
         _write_vit(tmp / VIT_DIR, seed + 2)
         if out.exists():
             out.rmdir()
-        os.replace(tmp, out)
+        commit_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

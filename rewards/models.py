@@ -39,8 +39,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +55,7 @@ from generators.config import TextEncoderConfig
 from generators.images import resize, to_tensor
 from generators.model import build_text_encoder, build_tokenizer
 from rewards.config import RewardsConfig, VisionConfig
+from runfiles import staged_folder
 
 CHECKPOINT_FORMAT = "medrl-reward-model"
 CHECKPOINT_VERSION = 1
@@ -505,9 +504,7 @@ def save_reward_model(model: RewardModel, out: str | os.PathLike, **meta: Any) -
     checkpoint at ``out`` is replaced only after the new one is complete.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": CHECKPOINT_FORMAT})
         if isinstance(model, AlignmentPolicy):
@@ -520,16 +517,6 @@ def save_reward_model(model: RewardModel, out: str | os.PathLike, **meta: Any) -
             **meta,
         }
         (tmp / META_FILE).write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

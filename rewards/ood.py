@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from runfiles import atomic_path, atomic_write_text
+
 WEIGHTS_FILE = "ood_guard.safetensors"
 META_FILE = "ood_guard.json"
 
@@ -63,9 +65,8 @@ class OODGuard:
             "precision": self.precision.contiguous(),
             "edge": torch.tensor([self.edge], dtype=torch.float64),
         }
-        tmp = out / f".{WEIGHTS_FILE}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, out / WEIGHTS_FILE)
+        with atomic_path(out / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp))
         meta = {
             "quantile": self.quantile,
             "shrinkage": self.shrinkage,
@@ -73,9 +74,7 @@ class OODGuard:
             "features": int(self.mean.numel()),
             "edge": self.edge,
         }
-        tmp = out / f".{META_FILE}.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, out / META_FILE)
+        atomic_write_text(out / META_FILE, json.dumps(meta, indent=2))
         return out / WEIGHTS_FILE
 
     @classmethod

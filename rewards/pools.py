@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from generators.phantom import PhantomRecord
+from runfiles import commit_folder
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,7 @@ def write_generated_pool(
         )
         if out.exists():
             out.rmdir()
-        os.rename(tmp, out)
+        commit_folder(tmp, out)  # fsynced; out was empty (removed above)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

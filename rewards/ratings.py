@@ -18,7 +18,6 @@ import math
 import os
 import re
 import sqlite3
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import pyarrow.parquet as pq
 
 from generators.config import MODALITIES
 from generators.datasets import DataValidationError, RowProblem, read_csv_rows
+from runfiles import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -636,10 +636,7 @@ def export_ratings(db: str | os.PathLike, out: str | os.PathLike) -> Path:
     if not Path(db).is_file():
         raise FileNotFoundError(f"{db}: no such ratings store; ingest ratings first")
     frame = read_ratings(db)[list(EXPORT_COLUMNS)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         if suffix == ".csv":
             with open(tmp, "w", newline="", encoding="utf-8") as fh:
                 writer = csv.writer(fh)
@@ -649,10 +646,6 @@ def export_ratings(db: str | os.PathLike, out: str | os.PathLike) -> Path:
         else:
             table = pa.Table.from_pandas(frame, preserve_index=False)
             pq.write_table(table, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out
 
 

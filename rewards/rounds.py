@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from generators.datasets import RowProblem
+from runfiles import commit_folder
 
 SHEET_FILE = "sheet.csv"
 KEY_FILE = ".key.json"
@@ -222,7 +223,7 @@ def export_round(
         (tmp / KEY_FILE).write_text(json.dumps(key, indent=1) + "\n", encoding="utf-8")
         if out.exists():
             out.rmdir()
-        os.rename(tmp, out)
+        commit_folder(tmp, out)  # fsynced; out was empty (removed above)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

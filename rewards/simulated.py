@@ -59,6 +59,7 @@ from generators.phantom import (
     sample_record,
 )
 from rewards.ratings import CS787_COLUMNS
+from runfiles import atomic_path, commit_folder
 
 #: expert_level of every simulated rating.
 SIMULATED_LEVEL = "simulated"
@@ -373,17 +374,10 @@ def simulate_ratings(
 
 
 def _write_csv_atomic(path: Path, columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(columns))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 # --------------------------------------------------------------------------- demo pool
@@ -480,7 +474,7 @@ def write_demo_pool(
         simulate_ratings(tmp, tmp / "ratings.csv", raters=raters, noise=noise, seed=seed)
         if out.exists():
             out.rmdir()
-        os.rename(tmp, out)
+        commit_folder(tmp, out)  # fsynced; out was empty (removed above)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

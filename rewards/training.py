@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -70,6 +69,7 @@ from rewards.models import (
 )
 from rewards.ood import fit_ood_guard, selector_features
 from rewards.ratings import ASPECT_MAX, latest_per_rater, read_ratings
+from runfiles import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -649,15 +649,8 @@ def _pretrain_alignment(
     else:
         stats_ = pretrain_towers(policy, *pairs, cfg, device=device, seed=cfg.seed + 1)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            try:
+            with atomic_path(path) as tmp:
                 save_model(policy, tmp, metadata={"pretrain": json.dumps(stats_)})
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
         log.info("contrastive pre-training: %s", stats_)
     stats_["manifest"] = cfg.pretrain_manifest
     # stage 1 starts from the same random state whether the towers were trained or loaded
@@ -666,16 +659,7 @@ def _pretrain_alignment(
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def train_rewards(

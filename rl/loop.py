@@ -41,6 +41,15 @@ import torch
 from rl.gold import GoldJudge, make_gold_judge, selection_score, standard_error
 from rl.learner import Learner, TrainBatch, group_advantages, load_rng_state, save_rng_state
 from rl.samplers import SampleRequest, Trajectories
+from runfiles import (
+    METRICS_FILE,
+    append_metrics,
+    atomic_write_text,
+    commit_folder,
+    read_latest,
+    read_metrics,
+    write_latest,
+)
 
 # ``cfg`` below is medrl's composed RunConfig (``run``, ``data``, ``lora``, ``sampling``,
 # ``rewards``, ``rl`` sections); rl does not import medrl (DESIGN.md: dependencies point one
@@ -49,7 +58,6 @@ from rl.samplers import SampleRequest, Trajectories
 log = logging.getLogger(__name__)
 
 RL_DIR = "rl"
-LATEST = "latest"
 #: ``runs/<name>/rl/best``: the adapter version with the best held-out score (rl.select_by)
 BEST_DIR = "best"
 #: ``runs/<name>/rl/eval/version-NNNN.png``: the evaluation images of each adapter version
@@ -250,21 +258,9 @@ def run_local(
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def latest_rl_checkpoint(ckpt_root: Path) -> Path | None:
-    pointer = ckpt_root / LATEST
-    if not pointer.is_file():
-        return None
-    path = ckpt_root / pointer.read_text().strip()
-    if not path.is_dir():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist")
-    return path
+    """The checkpoint ``ckpt_root/latest`` names (validated: runfiles.read_latest)."""
+    return read_latest(ckpt_root)
 
 
 def _broadcast(obj: Any, src: int = 0) -> Any:
@@ -279,7 +275,7 @@ def commit_rl_checkpoint(
     learner: Learner, ckpt_root: Path, done: int, state: dict[str, Any], keep: int
 ) -> Path:
     """Collective. Every rank writes its engine state into a temporary directory; rank 0
-    adds adapter, state and RNG, renames it into place, then writes ``latest``, then
+    adds adapter, state and RNG, commits it into place (runfiles), then writes ``latest``, then
     deletes checkpoints beyond ``keep`` (oldest first)."""
     import torch.distributed as dist
 
@@ -292,18 +288,22 @@ def commit_rl_checkpoint(
         ckpt_root.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}.")
     tmp = Path(_broadcast(tmp))
-    learner.save(tmp)
-    dist.barrier()
-    with learner.gathered():  # collective under ZeRO-3: every rank enters, rank 0 writes
+    try:
+        learner.save(tmp)
+        dist.barrier()
+        with learner.gathered():  # collective under ZeRO-3: every rank enters, rank 0 writes
+            if learner.rank == 0:
+                save_adapter(learner.engine.module, tmp / "adapter", formats=("diffusers",))
         if learner.rank == 0:
-            save_adapter(learner.engine.module, tmp / "adapter", formats=("diffusers",))
+            save_rng_state(tmp / "rng.json")
+            (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
+            commit_folder(tmp, final)
+            write_latest(ckpt_root, name)
+    except BaseException:
+        if learner.rank == 0:  # a failed save leaves no temporary folder behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if learner.rank == 0:
-        save_rng_state(tmp / "rng.json")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _atomic_write(ckpt_root / LATEST, name + "\n")
         old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
         for p in old[: max(0, len(old) - keep)]:
             shutil.rmtree(p, ignore_errors=True)
@@ -398,8 +398,7 @@ class IterationLog:
             self.writer.add_image("rl/eval_images", grid, it, dataformats="HWC")
             save_png(grid, self.run_dir / RL_DIR / EVAL_DIR / f"version-{it:04d}.png")
         self.writer.flush()
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"stage": "rl", **record}) + "\n")
+        append_metrics(self.run_dir / METRICS_FILE, [{"stage": "rl", **record}])
         keys = [
             "reward_mean",
             "reward_std",
@@ -632,7 +631,7 @@ def write_rank_record(run_dir: Path, learner: Learner, record: dict[str, Any]) -
     it trained on in this invocation). Ranks of one engine must end with equal hashes."""
     out = run_dir / RL_DIR / "ranks" / f"rank-{learner.rank:03d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, json.dumps({"rank": learner.rank, "world": learner.world, **record}))
+    atomic_write_text(out, json.dumps({"rank": learner.rank, "world": learner.world, **record}))
     return out
 
 
@@ -864,15 +863,5 @@ def finite(value: Any) -> bool:
 
 
 def read_rl_records(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("stage") == "rl":
-            out.append(rec)
-    return out
+    """The RL records of the run's metrics.jsonl (runfiles.read_metrics)."""
+    return read_metrics(Path(run_dir) / METRICS_FILE, stage="rl")

@@ -141,7 +141,8 @@ def run_tune(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from rl.loop import _atomic_write, _ray_init, finite
+    from rl.loop import _ray_init, finite
+    from runfiles import atomic_write_text
 
     tc: TuneConfig = cfg.tune
     space = parse_space(tc.space)
@@ -221,7 +222,7 @@ def run_tune(
     table = pd.DataFrame(rows)
     results_csv = out / "results.csv"
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(results_csv, table.to_csv(index=False))
+    atomic_write_text(results_csv, table.to_csv(index=False))
     # ranked by the last report (the final adapter's held-out reward for a trial that ran
     # to the end): iteration 0 scores the untouched base adapter, the same in every trial,
     # so a best-ever value would not tell trials apart. Trials that ran furthest come
@@ -244,7 +245,7 @@ def run_tune(
     )
     # through JSON: the config's tuples become lists, which YAML's safe dumper writes
     plain = json.loads(json.dumps(dataclasses.asdict(best_cfg)))
-    _atomic_write(best_yaml, header + yaml.safe_dump(plain, sort_keys=False))
+    atomic_write_text(best_yaml, header + yaml.safe_dump(plain, sort_keys=False))
     log.info("tune: results in %s, best config in %s", results_csv, best_yaml)
     return {
         "results": results_csv,
