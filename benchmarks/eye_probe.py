@@ -10,7 +10,11 @@ account of why RL does not move the eye on the demo.
     # demo's own text encoder or with a pretrained one (a BERT folder), same budget
     python benchmarks/eye_probe.py scratch --steps 300 [--text-encoder DIR]
 
-Both print the share of held-out images whose optic disc is on the prompt's side (the
+    # every checkpoint of a fine-tuning run, e.g. the demo base's recipe kept with
+    # `python -m medrl.demo_weights --out /tmp/base --keep-run` (the run: /tmp/.base.run)
+    python benchmarks/eye_probe.py checkpoints /tmp/.base.run
+
+Each prints the share of held-out images whose optic disc is on the prompt's side (the
 SIMULATED expert's ``measure`` from pixels), and ``filter`` also gold, per round. The
 held-out images are the RL evaluation's: the first 8 validation prompts x 4 seeds from
 1234 (benchmarks/expert_loop.py), plus, for ``scratch``, 48 short prompts naming only the
@@ -190,6 +194,24 @@ def probe_scratch(args) -> None:
             )
 
 
+def probe_checkpoints(args) -> None:
+    from rewards.pools import list_checkpoints, load_checkpoint_generator
+
+    run = Path(args.run)
+    eval_p, eval_s = held_out(Path(args.manifest or "data/demo/manifest.parquet"))
+    short = [SHORT[i % 2] for i in range(48)]
+    for ckpt in [*list_checkpoints(run), None]:
+        gen = load_checkpoint_generator(run, ckpt)
+        eye, gold, q = eye_share(gen, eval_p, eval_s)
+        eye_short, _, _ = eye_share(gen, short, list(range(48)))
+        name = ckpt.name if ckpt is not None else "generator (final)"
+        print(
+            f"  {name}: held-out eye {eye:.2f} (gold {gold:.2f}, quality {q:.2f}); "
+            f"short prompts eye {eye_short:.2f}",
+            flush=True,
+        )
+
+
 def main() -> None:
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -212,8 +234,12 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="config overrides (key=value)")
     p.add_argument("--every", type=int, default=0, help="measure every N steps (0: the end)")
     p.add_argument("--manifest", default=None)
+    p = sub.add_parser("checkpoints")
+    p.add_argument("run", help="a fine-tuning run directory (checkpoints/, generator/)")
+    p.add_argument("--manifest", default=None)
     args = parser.parse_args()
-    (probe_filter if args.probe == "filter" else probe_scratch)(args)
+    probes = {"filter": probe_filter, "scratch": probe_scratch, "checkpoints": probe_checkpoints}
+    probes[args.probe](args)
 
 
 if __name__ == "__main__":

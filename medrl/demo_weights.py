@@ -2,6 +2,7 @@
 
     make demo-weights                       # = python -m medrl.demo_weights (~20 CPU min)
     python -m medrl.demo_weights --out /tmp/base demo.base_steps=1200   # a variant
+    python -m medrl.demo_weights --out /tmp/base --keep-run   # keep /tmp/.base.run (4 checkpoints)
 
 Users of Stable Diffusion start from a pretrained pipeline (VAE, UNet, text encoder) and
 fine-tune it on their data; the demo does the same with ``generators/assets/demo-base``,
@@ -125,9 +126,13 @@ def from_scratch(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, model=model)
 
 
-def make_demo_base(cfg: RunConfig, out: str | os.PathLike, command: str = "") -> dict[str, Any]:
+def make_demo_base(
+    cfg: RunConfig, out: str | os.PathLike, command: str = "", keep_run: bool = False
+) -> dict[str, Any]:
     """Train the preset's generator from scratch on its phantom dataset; write it with its card.
 
+    ``keep_run``: keep the training run (``.<out>.run`` beside ``out``, with a checkpoint at
+    every quarter of ``demo.base_steps``) for ``benchmarks/eye_probe.py checkpoints``.
     Returns the card.
     """
     from generators.finetune import ImageTextData, finetune
@@ -141,6 +146,7 @@ def make_demo_base(cfg: RunConfig, out: str | os.PathLike, command: str = "") ->
     ft = dataclasses.replace(
         cfg.finetune, steps=cfg.demo.base_steps, lr=cfg.demo.base_lr, sample_every=0,
         checkpoint_every=max(1, cfg.demo.base_steps // 4),
+        keep_checkpoints=5 if keep_run else cfg.finetune.keep_checkpoints,
     )  # fmt: skip
     run_dir = out.parent / f".{out.name}.run"  # kept until the weights are in place: resumable
     t0 = time.perf_counter()
@@ -193,7 +199,8 @@ def make_demo_base(cfg: RunConfig, out: str | os.PathLike, command: str = "") ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not keep_run:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return card
 
 
@@ -218,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "overrides", nargs="*", help="dotted overrides (demo.base_*, finetune.vae_*, data.*)"
     )
+    parser.add_argument(
+        "--keep-run",
+        action="store_true",
+        help="keep the training run and its quarterly checkpoints beside --out",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -226,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(
         ["python -m medrl.demo_weights", *(argv if argv is not None else sys.argv[1:])]
     )
-    card = make_demo_base(cfg, args.out, command=command)
+    card = make_demo_base(cfg, args.out, command=command, keep_run=args.keep_run)
     h = card["vae_heldout"]
     print(
         f"{args.out}: VAE {card['vae_steps']} + UNet {card['steps']} steps in "

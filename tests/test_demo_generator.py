@@ -9,6 +9,7 @@ a short run of the shipped VAE's recipe.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -160,3 +161,31 @@ def test_demo_weights_recipe_short_run_goes_the_same_way(tmp_path):
     val = ImageTextData.from_manifest(tmp_path / "data" / "manifest.parquet", 32, split="val")
     psnr_untrained = reconstruction_psnr(untrained, val.batch(torch.arange(len(val)))[0])
     assert card["vae_heldout"]["psnr"] > psnr_untrained + 5
+
+
+@pytest.mark.slow
+def test_recipe_keep_run_leaves_checkpoints_the_eye_probe_judges(tmp_path, capsys):
+    """--keep-run keeps the recipe's run with a checkpoint per quarter, and
+    benchmarks/eye_probe.py checkpoints judges each of them and the final generator."""
+    import importlib.util
+
+    from medrl.demo_weights import main
+
+    args = ["--out", str(tmp_path / "base"), "--keep-run", f"data.root={tmp_path / 'data'}",
+            "data.demo_count=24", "data.demo_size=32", "model.resolution=32",
+            "finetune.vae_steps=4", "finetune.vae_disc_start=2", "finetune.vae_batch_size=8",
+            "finetune.batch_size=8", "demo.base_steps=8"]  # fmt: skip
+    assert main(args) == 0
+    run = tmp_path / ".base.run"
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert steps == ["step-000002", "step-000004", "step-000006", "step-000008"]
+    spec = importlib.util.spec_from_file_location("eye_probe", ROOT / "benchmarks/eye_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    capsys.readouterr()
+    probe.probe_checkpoints(
+        argparse.Namespace(run=str(run), manifest=str(tmp_path / "data" / "manifest.parquet"))
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == [*steps, "generator (final)"]
+    assert all("held-out eye" in line for line in lines)
