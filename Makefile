@@ -69,6 +69,7 @@ bench: install
 	$(BIN)/python benchmarks/sampling.py
 	$(BIN)/python benchmarks/reward_service.py
 	$(BIN)/python benchmarks/rl_iteration.py
+	$(BIN)/python benchmarks/workbench_load.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -8,7 +8,9 @@ later in the queue to measure the rater's self-agreement. Queue entries have ran
 so an id says nothing about the image and cannot be guessed for another rater's queue.
 
 Every answer is one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``) that
-- checks the answer's one-time nonce (issued with the item; a replayed request is refused),
+- checks the answer's form token: issued with the item as an HMAC of (item, number of
+  answers it has), so it is good for one answer; a replayed request or a form left open
+  while another tab answered is refused, and viewing an item writes nothing,
 - writes the rating to the ``ratings`` table exactly as ``medrl ratings ingest`` would
   for the filled sheet (the round key fills in generator and seed; the image path is
   stored relative to the store's folder), unless the entry is a repeat,
@@ -21,6 +23,7 @@ log only, so each rater still counts once per image in training and agreement.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import secrets
@@ -71,7 +74,8 @@ CREATE TABLE IF NOT EXISTS workbench_rounds (
     repeats INTEGER NOT NULL,
     seed INTEGER NOT NULL,
     round_dir TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    secret TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS workbench_raters (
     token_hash TEXT PRIMARY KEY,
@@ -90,12 +94,6 @@ CREATE TABLE IF NOT EXISTS workbench_queue (
     image TEXT NOT NULL,
     repeat_of INTEGER,
     UNIQUE (round, rater_id, pos)
-);
-CREATE TABLE IF NOT EXISTS workbench_nonces (
-    nonce TEXT PRIMARY KEY,
-    item_id TEXT NOT NULL,
-    issued_at TEXT NOT NULL,
-    used_at TEXT
 );
 CREATE TABLE IF NOT EXISTS workbench_answers (
     id INTEGER PRIMARY KEY,
@@ -181,26 +179,33 @@ class Workbench:
         if repeats is not None and not 0 <= repeats <= len(self.images):
             raise ValueError(f"repeats {repeats}: from 0 to the round's {len(self.images)} images")
         self._local = threading.local()
+        # the server's threads take turns here rather than in SQLite's busy handler, whose
+        # back-off sleeps (up to 100 ms each) made the p99 of an answer a second at 20 raters
+        self._write_lock = threading.Lock()
         with self.transaction() as conn:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             row = conn.execute(
-                "SELECT protocol, repeats, seed FROM workbench_rounds WHERE round = ?",
+                "SELECT protocol, repeats, seed, secret FROM workbench_rounds WHERE round = ?",
                 (self.round,),
             ).fetchone()
             if row is None and not register:
-                self.protocol, self.repeats, self.seed = "", 0, seed
+                self.protocol, self.repeats, self.seed, self._secret = "", 0, seed, b""
             elif row is None:
                 self.protocol = protocol or "cs787"
                 self.repeats = min(5, len(self.images) // 10) if repeats is None else repeats
                 self.seed = seed
+                secret = secrets.token_hex(32)
+                self._secret = bytes.fromhex(secret)
                 conn.execute(
-                    "INSERT INTO workbench_rounds VALUES (?, ?, ?, ?, ?, ?)",
-                    (self.round, self.protocol, self.repeats, seed, str(self.round_dir), _now()),
-                )
+                    "INSERT INTO workbench_rounds VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (self.round, self.protocol, self.repeats, seed, str(self.round_dir), _now(),
+                     secret),
+                )  # fmt: skip
             else:
                 self.protocol, self.repeats, self.seed = row[0], int(row[1]), int(row[2])
+                self._secret = bytes.fromhex(row[3])
                 for name, asked, stored in (
                     ("protocol", protocol, self.protocol),
                     ("repeats", repeats, self.repeats),
@@ -225,13 +230,14 @@ class Workbench:
         """A write transaction: the store's write lock is taken first, so what is read
         inside is what the writes are checked against."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -387,21 +393,18 @@ class Workbench:
 
     def item(self, rater: Rater, pos: int) -> dict[str, Any]:
         """Queue position ``pos`` of this rater: the prompt, the image's URL, the rater's
-        latest answer to it, and a fresh nonce for the next answer. Nothing in it names the
+        latest answer to it, and the form token for the next answer. Nothing in it names the
         generator, adapter, seed or file."""
         total = self._ensure_queue(rater)
         if not 0 <= pos < total:
             raise WorkbenchError(404, f"position {pos} is outside your queue (0-{total - 1})")
-        nonce = secrets.token_urlsafe(16)
-        with self.transaction() as conn:
-            row = conn.execute(
-                "SELECT item_id, image FROM workbench_queue WHERE round = ? AND rater_id = ? "
-                "AND pos = ?",
-                (self.round, rater.rater_id, pos),
-            ).fetchone()
-            conn.execute(
-                "INSERT INTO workbench_nonces VALUES (?, ?, ?, NULL)", (nonce, row[0], _now())
-            )
+        conn = self._conn()
+        row = conn.execute(
+            "SELECT item_id, image FROM workbench_queue WHERE round = ? AND rater_id = ? "
+            "AND pos = ?",
+            (self.round, rater.rater_id, pos),
+        ).fetchone()
+        nonce = self._form_token(row[0], self._answer_count(conn, row[0]))
         last = (
             self._conn()
             .execute(
@@ -423,6 +426,19 @@ class Workbench:
             if last is None
             else {"rating": last[0], "aspects": json.loads(last[1]), "comment": last[2]},
         }
+
+    def _form_token(self, item_id: str, answers: int) -> str:
+        """Good for the answer after the item's ``answers``-th: HMAC of the round's secret."""
+        msg = f"{item_id}:{answers}".encode()
+        return hmac.new(self._secret, msg, hashlib.sha256).hexdigest()[:32]
+
+    @staticmethod
+    def _answer_count(conn: sqlite3.Connection, item_id: str) -> int:
+        return int(
+            conn.execute(
+                "SELECT COUNT(*) FROM workbench_answers WHERE item_id = ?", (item_id,)
+            ).fetchone()[0]
+        )
 
     def image_file(self, rater: Rater, item_id: str) -> Path:
         entry = self._entry(rater, item_id)
@@ -475,14 +491,18 @@ class Workbench:
         root = self.images_root
         now = _now()
         with self.transaction() as conn:
-            used = conn.execute(
-                "SELECT item_id, used_at FROM workbench_nonces WHERE nonce = ?", (nonce,)
-            ).fetchone()
-            if used is None or used[0] != item_id:
+            count = self._answer_count(conn, item_id)
+            if not hmac.compare_digest(str(nonce), self._form_token(item_id, count)):
+                if any(
+                    hmac.compare_digest(str(nonce), self._form_token(item_id, k))
+                    for k in range(count)
+                ):
+                    raise WorkbenchError(
+                        409,
+                        "this item was answered after this form was loaded (already stored: a "
+                        "repeated request, or another tab); reload to see and change it",
+                    )
                 raise WorkbenchError(409, "this answer's form is not current: reload the page")
-            if used[1] is not None:
-                raise WorkbenchError(409, "this answer was already stored (a repeated request)")
-            conn.execute("UPDATE workbench_nonces SET used_at = ? WHERE nonce = ?", (now, nonce))
             rating_id = None
             if entry["repeat_of"] is None:
                 values = {

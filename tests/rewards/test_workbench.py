@@ -95,7 +95,12 @@ def test_bad_answers_store_nothing(bench: Workbench):
     with pytest.raises(WorkbenchError, match="already stored") as err:  # replayed
         bench.submit(alice, item["item_id"], item["nonce"], 2)
     assert err.value.status == 409
-    assert len(read_ratings(bench.db)) == 1
+    # two tabs on the same item: the second form's answer is refused, not silently stacked
+    tab_a, tab_b = bench.item(alice, 1), bench.item(alice, 1)
+    bench.submit(alice, tab_b["item_id"], tab_b["nonce"], 3)
+    with pytest.raises(WorkbenchError, match="another tab"):
+        bench.submit(alice, tab_a["item_id"], tab_a["nonce"], 1)
+    assert len(read_ratings(bench.db)) == 2
     with pytest.raises(WorkbenchError, match="unknown or replaced"):
         bench.who("not-a-token")
     old = bench.invite("carol")

@@ -159,3 +159,35 @@ def test_two_raters_rate_a_round_with_the_keyboard(browser, tmp_path: Path):
     ingest_ratings(export_ratings(bench.db, tmp_path / "export.csv"), fresh)
     cols = ["image_path", "rating", "rater_id", "timestamp", "generator_ckpt", "seed", "round"]
     assert read_ratings(fresh)[cols].astype(str).equals(frame[cols].astype(str))
+
+
+def test_aspects_protocol_and_zoom_with_the_keyboard(browser, tmp_path: Path):
+    bench = Workbench(tmp_path / "ratings.db", make_round(tmp_path, n=2), protocol="aspects",
+                      repeats=0)  # fmt: skip
+    token = bench.invite("alice")
+    with Background(bench) as url:
+        ctx = browser.new_context(viewport={"width": 1200, "height": 900})
+        page = ctx.new_page()
+        page.goto(f"{url}/#token={token}")
+        page.wait_for_selector("#app:not([hidden])")
+        assert page.locator("#aspects .aspect").count() == 6
+        assert "Prompt-to-Polyp" in page.inner_text("#protocol")
+        expect(page.locator("#image")).not_to_have_class(re.compile("zoom"))
+        page.keyboard.press("z")
+        expect(page.locator("#image")).to_have_class(re.compile("zoom"))
+        page.keyboard.press("2")
+        page.keyboard.press("Enter")  # aspects missing: refused in the page, nothing sent
+        expect(page.locator("#status")).to_have_class("bad")
+        assert page.inner_text("#progress") == "0 of 2 rated"
+        page.locator("#aspects input").first.focus()
+        for value in ["7", "8", "6.5", "9", "5", "10"]:
+            page.keyboard.type(value)
+            page.keyboard.press("Tab")
+        page.locator("#aspect-confidence_of_use").press("Enter")
+        expect(page.locator("#progress")).to_have_text("1 of 2 rated")
+        ctx.close()
+    row = read_ratings(bench.db).iloc[0]
+    assert int(row["rating"]) == 2
+    assert [row[a] for a in ("clinical_realism", "prompt_faithfulness",
+                             "abnormality_detectability", "colour_contrast",
+                             "intra_set_diversity", "confidence_of_use")] == [7, 8, 6.5, 9, 5, 10]  # fmt: skip
