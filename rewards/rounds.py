@@ -19,6 +19,7 @@ back: :func:`rewards.ratings.ingest_ratings` finds the key beside the CSV and ca
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import secrets
@@ -150,7 +151,6 @@ def export_round(
     from generators.model import inference_dtype, load_generator, resolve_device
     from generators.sampling import sample
     from rewards.ratings import COLUMNS
-    from rewards.simulated import _write_csv_atomic
 
     if per_prompt < 1 or not prompts:
         raise ValueError(f"export_round: need prompts and per_prompt >= 1, got {per_prompt}")
@@ -213,7 +213,10 @@ def export_round(
             }
             for e in entries
         ]
-        _write_csv_atomic(tmp / SHEET_FILE, COLUMNS, rows)
+        with open(tmp / SHEET_FILE, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(COLUMNS))
+            writer.writeheader()
+            writer.writerows(rows)
         key = {
             "version": KEY_VERSION,
             "round": round_name,
