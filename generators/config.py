@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from runfiles.config import setting
+
 #: Modalities the data tools accept (lower case). Modality is data, never a code path.
 MODALITIES: tuple[str, ...] = (
     "fundus",
@@ -30,23 +32,19 @@ MODALITIES: tuple[str, ...] = (
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
-def _f(default, help: str, **meta):  # noqa: A002 - mirrors dataclasses.field's metadata
-    if isinstance(default, (list, dict)):
-        raise TypeError("use tuples for sequence defaults")
-    return field(default=default, metadata={"help": help, **meta})
-
-
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = _f("data/demo", "dataset root: every image path must resolve inside it")
-    csv: str = _f("", "data CSV (path,Text,modality,...); empty: <root>/data.csv")
-    manifest: str = _f(
+    root: str = setting("data/demo", "dataset root: every image path must resolve inside it")
+    csv: str = setting("", "data CSV (path,Text,modality,...); empty: <root>/data.csv")
+    manifest: str = setting(
         "", "Parquet manifest written by `medrl data ingest`; empty: <root>/manifest.parquet"
     )
-    demo_count: int = _f(384, "images in the procedural fundus phantom dataset", min=1)
-    demo_size: int = _f(64, "side of the phantom images in pixels", min=32, max=2048)
-    demo_seed: int = _f(0, "seed of the phantom dataset", min=0)
-    val_fraction: float = _f(0.1, "share of phantom images put in the val split", min=0.0, max=0.5)
+    demo_count: int = setting(384, "images in the procedural fundus phantom dataset", min=1)
+    demo_size: int = setting(64, "side of the phantom images in pixels", min=32, max=2048)
+    demo_seed: int = setting(0, "seed of the phantom dataset", min=0)
+    val_fraction: float = setting(
+        0.1, "share of phantom images put in the val split", min=0.0, max=0.5
+    )
 
     @property
     def csv_path(self) -> str:
@@ -59,22 +57,22 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    pretrained: str | None = _f(
+    pretrained: str | None = setting(
         None, "local dir or hub id holding a UNet2DConditionModel; null: build tiny"
     )
-    subfolder: str | None = _f(
+    subfolder: str | None = setting(
         None, 'subfolder of `pretrained` ("unet" for a Stable Diffusion repo)'
     )
-    block_out_channels: tuple[int, ...] = _f(
+    block_out_channels: tuple[int, ...] = setting(
         (32, 64), "channels per UNet level (built models)", min=8
     )
-    layers_per_block: int = _f(1, "resnet layers per UNet block (built models)", min=1)
-    attention_levels: tuple[bool, ...] = _f(
+    layers_per_block: int = setting(1, "resnet layers per UNet block (built models)", min=1)
+    attention_levels: tuple[bool, ...] = setting(
         (True, False), "which levels have cross-attention, highest resolution first (built models)"
     )
-    attention_head_dim: int = _f(8, "channels per attention head (built models)", min=1)
-    norm_num_groups: int = _f(8, "GroupNorm groups (built models)", min=1)
-    text_time_embedding: bool = _f(
+    attention_head_dim: int = setting(8, "channels per attention head (built models)", min=1)
+    norm_num_groups: int = setting(8, "GroupNorm groups (built models)", min=1)
+    text_time_embedding: bool = setting(
         False,
         "also add an attention-pooled text embedding to the time embedding (diffusers' "
         "addition_embed_type 'text'): a global text pathway beside cross-attention (built "
@@ -84,59 +82,63 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class VaeConfig:
-    pretrained: str | None = _f(
+    pretrained: str | None = setting(
         None, "local dir or hub id holding an AutoencoderKL; null: build tiny and train it first"
     )
-    subfolder: str | None = _f(
+    subfolder: str | None = setting(
         None, 'subfolder of `pretrained` ("vae" for a Stable Diffusion repo)'
     )
-    block_out_channels: tuple[int, ...] = _f(
+    block_out_channels: tuple[int, ...] = setting(
         (16, 32, 64), "channels per VAE level; downsampling = 2**(levels-1) (built models)", min=8
     )
-    latent_channels: int = _f(4, "latent channels (built models)", min=1)
-    layers_per_block: int = _f(1, "resnet layers per VAE block (built models)", min=1)
-    norm_num_groups: int = _f(8, "GroupNorm groups (built models)", min=1)
+    latent_channels: int = setting(4, "latent channels (built models)", min=1)
+    layers_per_block: int = setting(1, "resnet layers per VAE block (built models)", min=1)
+    norm_num_groups: int = setting(8, "GroupNorm groups (built models)", min=1)
 
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    pretrained: str | None = _f(
+    pretrained: str | None = setting(
         None, "local dir or hub id of a BERT-family encoder (BioMedBERT); null: build tiny"
     )
-    subfolder: str | None = _f(None, "subfolder of `pretrained` holding the encoder")
-    tokenizer: str | None = _f(
+    subfolder: str | None = setting(None, "subfolder of `pretrained` holding the encoder")
+    tokenizer: str | None = setting(
         None,
         "tokenizer dir or hub id; null: `pretrained` (or the bundled demo vocabulary when built)",
     )
-    tokenizer_subfolder: str | None = _f(None, "subfolder of `tokenizer`")
-    max_length: int = _f(64, "tokens per prompt (BioMedBERT: 256)", min=8, max=4096)
-    hidden_size: int = _f(32, "hidden size (built models)", min=8)
-    num_layers: int = _f(2, "transformer layers (built models)", min=1)
-    num_heads: int = _f(4, "attention heads (built models)", min=1)
-    intermediate_size: int = _f(64, "feed-forward size (built models)", min=8)
+    tokenizer_subfolder: str | None = setting(None, "subfolder of `tokenizer`")
+    max_length: int = setting(64, "tokens per prompt (BioMedBERT: 256)", min=8, max=4096)
+    hidden_size: int = setting(32, "hidden size (built models)", min=8)
+    num_layers: int = setting(2, "transformer layers (built models)", min=1)
+    num_heads: int = setting(4, "attention heads (built models)", min=1)
+    intermediate_size: int = setting(64, "feed-forward size (built models)", min=8)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    pretrained: str | None = _f(None, "local dir or hub id holding a scheduler config; null: build")
-    subfolder: str | None = _f(
+    pretrained: str | None = setting(
+        None, "local dir or hub id holding a scheduler config; null: build"
+    )
+    subfolder: str | None = setting(
         None, 'subfolder of `pretrained` ("scheduler" for a Stable Diffusion repo)'
     )
-    num_train_timesteps: int = _f(1000, "training timesteps (built scheduler)", min=10)
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = _f(
+    num_train_timesteps: int = setting(1000, "training timesteps (built scheduler)", min=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = setting(
         "scaled_linear", "noise schedule (built scheduler)"
     )
-    beta_start: float = _f(0.00085, "first beta (built scheduler)", min=0.0, max=1.0)
-    beta_end: float = _f(0.012, "last beta (built scheduler)", min=0.0, max=1.0)
-    prediction_type: Literal["epsilon", "v_prediction"] = _f("epsilon", "what the UNet predicts")
+    beta_start: float = setting(0.00085, "first beta (built scheduler)", min=0.0, max=1.0)
+    beta_end: float = setting(0.012, "last beta (built scheduler)", min=0.0, max=1.0)
+    prediction_type: Literal["epsilon", "v_prediction"] = setting(
+        "epsilon", "what the UNet predicts"
+    )
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    resolution: int = _f(
+    resolution: int = setting(
         64, "image side in pixels; must be divisible by the VAE downsampling", min=16
     )
-    dtype: Literal["float32", "float16", "bfloat16"] = _f(
+    dtype: Literal["float32", "float16", "bfloat16"] = setting(
         "float32",
         "weights dtype of `medrl generate` and rating-round sampling on a GPU; training and "
         "the RL samplers run float32 (DDPO's ratio compares the sampler's log-probabilities "
@@ -150,10 +152,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = _f(8, "LoRA rank r", min=1, max=1024)
-    alpha: float = _f(8.0, "LoRA alpha (scale = alpha / rank); kept in every export", min=0.0)
-    dropout: float = _f(0.0, "LoRA dropout", min=0.0, max=1.0)
-    target_modules: tuple[str, ...] = _f(
+    rank: int = setting(8, "LoRA rank r", min=1, max=1024)
+    alpha: float = setting(8.0, "LoRA alpha (scale = alpha / rank); kept in every export", min=0.0)
+    dropout: float = setting(0.0, "LoRA dropout", min=0.0, max=1.0)
+    target_modules: tuple[str, ...] = setting(
         (
             "to_q",
             "to_k",
@@ -169,87 +171,93 @@ class LoraConfig:
         "projections and the resnet convolutions with their time embedding (a reward on "
         "pixels needs the convolutions: docs/rl.md)",
     )
-    init: Literal["gaussian", "default"] = _f(
+    init: Literal["gaussian", "default"] = setting(
         "gaussian", "LoRA init: B=0 either way, so a fresh adapter leaves outputs unchanged"
     )
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    num_steps: int = _f(10, "DDIM steps", min=1, max=1000)
-    eta: float = _f(
+    num_steps: int = setting(10, "DDIM steps", min=1, max=1000)
+    eta: float = setting(
         1.0,
         "DDIM eta; > 0 makes each step stochastic, so it has a log-probability",
         min=0.0,
         max=1.0,
     )
-    guidance_scale: float = _f(5.0, "classifier-free guidance scale (1: no guidance)", min=1.0)
-    batch_size: int = _f(8, "images per forward pass", min=1)
+    guidance_scale: float = setting(5.0, "classifier-free guidance scale (1: no guidance)", min=1.0)
+    batch_size: int = setting(8, "images per forward pass", min=1)
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    mode: Literal["full", "lora"] = _f(
+    mode: Literal["full", "lora"] = setting(
         "full",
         "train the whole UNet or a LoRA adapter on it (finetune.lora); either way the saved "
         "generator/ holds what was learned (a LoRA is merged into its UNet)",
     )
     lora: LoraConfig = field(default_factory=LoraConfig)
-    train_text_encoder: bool = _f(
+    train_text_encoder: bool = setting(
         False, "also train the text encoder (full weights, saved in generator/text_encoder)"
     )
-    steps: int = _f(1500, "UNet optimiser steps", min=1)
-    batch_size: int = _f(32, "images per step", min=1)
-    lr: float = _f(1e-3, "UNet learning rate (use ~1e-4 for LoRA on a pretrained UNet)", min=0.0)
-    text_encoder_lr: float = _f(1e-4, "text encoder learning rate", min=0.0)
-    weight_decay: float = _f(1e-2, "AdamW weight decay", min=0.0)
-    warmup_steps: int = _f(50, "linear learning-rate warm-up steps", min=0)
-    grad_clip: float = _f(1.0, "gradient norm clip (0: off)", min=0.0)
-    text_dropout: float = _f(
+    steps: int = setting(1500, "UNet optimiser steps", min=1)
+    batch_size: int = setting(32, "images per step", min=1)
+    lr: float = setting(
+        1e-3, "UNet learning rate (use ~1e-4 for LoRA on a pretrained UNet)", min=0.0
+    )
+    text_encoder_lr: float = setting(1e-4, "text encoder learning rate", min=0.0)
+    weight_decay: float = setting(1e-2, "AdamW weight decay", min=0.0)
+    warmup_steps: int = setting(50, "linear learning-rate warm-up steps", min=0)
+    grad_clip: float = setting(1.0, "gradient norm clip (0: off)", min=0.0)
+    text_dropout: float = setting(
         0.1,
         "probability a caption is replaced by the empty prompt (classifier-free guidance)",
         min=0.0,
         max=1.0,
     )
-    checkpoint_every: int = _f(500, "steps between checkpoints", min=1)
-    keep_checkpoints: int = _f(
+    checkpoint_every: int = setting(500, "steps between checkpoints", min=1)
+    keep_checkpoints: int = setting(
         2, "checkpoints kept on disk (oldest deleted after a newer is committed)", min=1
     )
-    sample_every: int = _f(500, "steps between sample grids in TensorBoard (0: off)", min=0)
-    log_every: int = _f(25, "steps between loss logs", min=1)
-    vae_steps: int = _f(600, "VAE steps before the UNet when no pretrained VAE is given", min=0)
-    vae_lr: float = _f(2e-3, "VAE learning rate", min=0.0)
-    vae_batch_size: int = _f(16, "VAE images per step", min=1)
-    vae_kl_weight: float = _f(
+    sample_every: int = setting(500, "steps between sample grids in TensorBoard (0: off)", min=0)
+    log_every: int = setting(25, "steps between loss logs", min=1)
+    vae_steps: int = setting(
+        600, "VAE steps before the UNet when no pretrained VAE is given", min=0
+    )
+    vae_lr: float = setting(2e-3, "VAE learning rate", min=0.0)
+    vae_batch_size: int = setting(16, "VAE images per step", min=1)
+    vae_kl_weight: float = setting(
         1e-6, "weight of the KL term (per latent element, mean-reduced) in the VAE loss", min=0.0
     )
-    vae_l1_weight: float = _f(1.0, "weight of the pixel L1 in the VAE loss", min=0.0)
-    vae_mse_weight: float = _f(
+    vae_l1_weight: float = setting(1.0, "weight of the pixel L1 in the VAE loss", min=0.0)
+    vae_mse_weight: float = setting(
         0.0, "weight of the pixel MSE in the VAE loss (the recipe before issue 10: 1.0)", min=0.0
     )
-    vae_laplacian_weight: float = _f(
+    vae_laplacian_weight: float = setting(
         1.0,
         "weight of the Laplacian-pyramid L1 (edges, the phantom's vessels) in the VAE loss "
         "(0: off, the recipe before issue 10)",
         min=0.0,
     )
-    vae_laplacian_levels: int = _f(3, "band-pass levels of the Laplacian pyramid", min=1)
-    vae_disc_weight: float = _f(
+    vae_laplacian_levels: int = setting(3, "band-pass levels of the Laplacian pyramid", min=1)
+    vae_disc_weight: float = setting(
         0.5,
         "weight of the PatchGAN hinge loss on the decoder, times the LDM adaptive weight "
         "(0: no discriminator, the recipe before issue 10)",
         min=0.0,
     )
-    vae_disc_start: int = _f(
+    vae_disc_start: int = setting(
         100,
         "VAE step from which the discriminator trains and its loss reaches the decoder "
         "(0: from the first step; >= vae_steps: never)",
         min=0,
     )
-    vae_disc_lr: float = _f(5e-4, "discriminator learning rate (Adam, betas 0.5, 0.9)", min=0.0)
-    vae_disc_channels: int = _f(32, "channels of the discriminator's first layer", min=4)
-    vae_disc_layers: int = _f(2, "stride-2 layers of the PatchGAN discriminator", min=1, max=5)
-    vae_disc_max_weight: float = _f(
+    vae_disc_lr: float = setting(
+        5e-4, "discriminator learning rate (Adam, betas 0.5, 0.9)", min=0.0
+    )
+    vae_disc_channels: int = setting(32, "channels of the discriminator's first layer", min=4)
+    vae_disc_layers: int = setting(2, "stride-2 layers of the PatchGAN discriminator", min=1, max=5)
+    vae_disc_max_weight: float = setting(
         1e4, "clamp of the LDM adaptive weight of the adversarial term", min=0.0
     )
-    num_workers: int = _f(0, "DataLoader worker processes", min=0)
+    num_workers: int = setting(0, "DataLoader worker processes", min=0)

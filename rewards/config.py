@@ -13,38 +13,35 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from generators.config import TextEncoderConfig
-
-
-def _f(default, help: str, **meta):  # noqa: A002 - mirrors dataclasses.field's metadata
-    if isinstance(default, (list, dict)):
-        raise TypeError("use tuples for sequence defaults")
-    return field(default=default, metadata={"help": help, **meta})
+from runfiles.config import setting
 
 
 @dataclass(frozen=True)
 class VisionConfig:
     """The ViT image encoder of both reward models (each model gets its own copy)."""
 
-    pretrained: str | None = _f(
+    pretrained: str | None = setting(
         None,
         "local dir or hub id of a ViTModel (e.g. google/vit-base-patch16-224-in21k); "
         "null: build from the sizes below",
     )
-    subfolder: str | None = _f(None, "subfolder of `pretrained` holding the ViT")
-    image_size: int = _f(
+    subfolder: str | None = setting(None, "subfolder of `pretrained` holding the ViT")
+    image_size: int = setting(
         64, "input side in pixels (built models; a loaded ViT keeps its own)", min=16
     )
-    patch_size: int = _f(8, "patch side in pixels (built models; full preset: 16)", min=1)
-    hidden_size: int = _f(64, "embedding size (built models; full preset: 768)", min=8)
-    num_layers: int = _f(2, "transformer layers (built models; full preset: 6)", min=1)
-    num_heads: int = _f(4, "attention heads (built models; full preset: 12)", min=1)
-    intermediate_size: int = _f(128, "feed-forward size (built models; full preset: 3072)", min=8)
-    pooling: Literal["mean", "cls"] = _f(
+    patch_size: int = setting(8, "patch side in pixels (built models; full preset: 16)", min=1)
+    hidden_size: int = setting(64, "embedding size (built models; full preset: 768)", min=8)
+    num_layers: int = setting(2, "transformer layers (built models; full preset: 6)", min=1)
+    num_heads: int = setting(4, "attention heads (built models; full preset: 12)", min=1)
+    intermediate_size: int = setting(
+        128, "feed-forward size (built models; full preset: 3072)", min=8
+    )
+    pooling: Literal["mean", "cls"] = setting(
         "mean",
         "image embedding: mean of the final patch tokens (learns faster from scratch) or "
         "the [CLS] token",
     )
-    detail_channels: bool | None = _f(
+    detail_channels: bool | None = setting(
         None,
         "feed the ViT 3 extra channels |x - blur(x)| (per-pixel local detail, which a small "
         "ViT trained from scratch cannot learn through its linear patch embedding); "
@@ -78,152 +75,154 @@ class VisionConfig:
 class RewardsConfig:
     """The quality selector, the alignment policy and how they learn from ratings."""
 
-    ratings_db: str = _f(
+    ratings_db: str = setting(
         "ratings/ratings.db", "SQLite ratings store, one per project (`medrl ratings ingest`)"
     )
-    images_root: str = _f(
+    images_root: str = setting(
         "", "folder the ratings' image_path values are relative to; empty: beside the ratings"
     )
     vision: VisionConfig = field(default_factory=VisionConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    selector_hidden: tuple[int, ...] = _f(
+    selector_hidden: tuple[int, ...] = setting(
         (64,), "MLP widths of the selector's score head (full preset: [384])", min=1
     )
-    fusion: Literal["interaction", "concat"] = _f(
+    fusion: Literal["interaction", "concat"] = setting(
         "interaction",
         "how the alignment policy joins image and text: `interaction` projects both to "
         "fusion_dim and feeds [u, v, |u-v|, u*v] to the MLP (learns whether they match); "
         "`concat` feeds [image ; text] (the original fusion)",
     )
-    alignment_pooling: Literal["grid", "mean", "cls", "vision"] = _f(
+    alignment_pooling: Literal["grid", "mean", "cls", "vision"] = setting(
         "grid",
         "image embedding of the alignment policy: `grid` (the patch-token means of the four "
         "quadrants side by side: keeps which side the optic disc is on, i.e. the eye), "
         "`mean`, `cls`, or `vision` (as rewards.vision.pooling)",
     )
-    fusion_dim: int = _f(
+    fusion_dim: int = setting(
         64,
         "shared width d of the interaction fusion's projections (4 d features reach the MLP)",
         min=1,
     )
-    fusion_hidden: tuple[int, ...] = _f(
+    fusion_hidden: tuple[int, ...] = setting(
         (64, 32),
         "MLP widths of the alignment policy after the fusion (full preset: [768, 384])",
         min=1,
     )
-    value_hidden: int = _f(
+    value_hidden: int = setting(
         32, "hidden width of each model's separate value head (full preset: 384)", min=1
     )
-    objective: Literal["reinforce", "regression"] = _f(
+    objective: Literal["reinforce", "regression"] = setting(
         "reinforce",
         "how the models learn: REINFORCE with a learned value baseline, or supervised "
         "regression of the mean score on the rating",
     )
-    alignment_objective: Literal["same", "reinforce", "regression", "ranking"] = _f(
+    alignment_objective: Literal["same", "reinforce", "regression", "ranking"] = setting(
         "same",
         "objective of the alignment policy: `same` as rewards.objective, or its own: "
         "reinforce, regression (rewards.regression_loss), or ranking (BCE of the mean "
         "score plus a pairwise logistic loss that orders the batch's pairs by rating)",
     )
-    compare_objectives: bool = _f(
+    compare_objectives: bool = setting(
         True, "also train the other objective and report both on the held-out ratings"
     )
-    reward: Literal["absolute", "squared"] = _f(
+    reward: Literal["absolute", "squared"] = setting(
         "absolute", "REINFORCE reward of a sampled score s for rating y: 1-|s-y| or 1-(s-y)^2"
     )
-    regression_loss: Literal["mse", "bce"] = _f(
+    regression_loss: Literal["mse", "bce"] = setting(
         "mse", "loss of the regression objective between the mean score and the rating"
     )
-    lr: float = _f(
+    lr: float = setting(
         2e-3,
         "AdamW peak learning rate (warm-up, cosine decay; ~2e-5 for pretrained backbones)",
         min=0.0,
     )
-    weight_decay: float = _f(1e-2, "AdamW weight decay", min=0.0)
-    epochs: int = _f(80, "selector epochs (all rated images)", min=1)
-    stage1_epochs: int = _f(20, "alignment policy stage-1 epochs (all rated pairs)", min=1)
-    stage2_epochs: int = _f(
+    weight_decay: float = setting(1e-2, "AdamW weight decay", min=0.0)
+    epochs: int = setting(80, "selector epochs (all rated images)", min=1)
+    stage1_epochs: int = setting(20, "alignment policy stage-1 epochs (all rated pairs)", min=1)
+    stage2_epochs: int = setting(
         5, "alignment policy stage-2 epochs (pairs whose image passes the selector; 0: off)", min=0
     )
-    batch_size: int = _f(32, "rated images per optimiser step", min=1)
-    num_samples: int = _f(
+    batch_size: int = setting(32, "rated images per optimiser step", min=1)
+    num_samples: int = setting(
         64, "scores drawn from the policy per image per step (REINFORCE)", min=1, max=1024
     )
-    entropy_coef: float = _f(1e-2, "weight of the Beta entropy bonus (REINFORCE)", min=0.0)
-    value_coef: float = _f(0.5, "weight of the value head's MSE loss (REINFORCE)", min=0.0)
-    grad_clip: float = _f(1.0, "gradient norm clip (0: off)", min=0.0)
-    threshold: float = _f(
+    entropy_coef: float = setting(1e-2, "weight of the Beta entropy bonus (REINFORCE)", min=0.0)
+    value_coef: float = setting(0.5, "weight of the value head's MSE loss (REINFORCE)", min=0.0)
+    grad_clip: float = setting(1.0, "gradient norm clip (0: off)", min=0.0)
+    threshold: float = setting(
         0.25,
         "selector score an image must reach to pass (stage 2, the pass/fail report); "
         "0.25 lies halfway between the normalised ratings poor (0) and fair (0.5)",
         min=0.0,
         max=1.0,
     )
-    quality_weight: float = _f(0.5, "weight of the quality score in the combined reward", min=0.0)
-    alignment_weight: float = _f(
+    quality_weight: float = setting(
+        0.5, "weight of the quality score in the combined reward", min=0.0
+    )
+    alignment_weight: float = setting(
         0.5, "weight of the alignment score in the combined reward", min=0.0
     )
-    holdout_fraction: float = _f(
+    holdout_fraction: float = setting(
         0.2, "share of rated images held out for the report (split by image)", min=0.0, max=0.9
     )
-    seed: int = _f(0, "seed of the split, the initialisation and the score samples", min=0)
-    ood_weight: float = _f(
+    seed: int = setting(0, "seed of the split, the initialisation and the score samples", min=0)
+    ood_weight: float = setting(
         0.5,
         "OOD guard (rewards/ood.py): reward taken off an image whose selector features lie "
         "twice as far from the rated pool as the pool's own ood_quantile distance (none "
         "inside it, linear in between); 0: off",
         min=0.0,
     )
-    ood_quantile: float = _f(
+    ood_quantile: float = setting(
         0.99, "share of the rated pool inside the OOD guard's edge", min=0.5, max=0.9999
     )
-    pretrain_manifest: str = _f(
+    pretrain_manifest: str = setting(
         "",
         "manifest (`medrl data ingest`) whose training-split image-text pairs pre-train "
         "the alignment policy's two towers contrastively before the ratings "
         "(rewards/contrastive.py); "
         "empty: no pre-training",
     )
-    pretrain_epochs: int = _f(
+    pretrain_epochs: int = setting(
         20, "contrastive pre-training epochs over the manifest (0: off)", min=0
     )
-    pretrain_lr: float = _f(
+    pretrain_lr: float = setting(
         2e-3, "AdamW peak learning rate of the contrastive pre-training", min=0.0
     )
-    pretrain_batch_size: int = _f(
+    pretrain_batch_size: int = setting(
         64, "image-text pairs per contrastive step (the in-batch negatives)", min=2
     )
-    pretrain_temperature: float = _f(
+    pretrain_temperature: float = setting(
         0.1, "InfoNCE temperature of the contrastive pre-training", min=1e-3, max=10.0
     )
-    pretrain_flip: bool = _f(
+    pretrain_flip: bool = setting(
         True,
         "every batch also holds each image mirrored left-right, paired with its prompt's eye "
         "swapped (a mirrored fundus is the other eye)",
     )
-    pretrain_hard_weight: float = _f(
+    pretrain_hard_weight: float = setting(
         1.0,
         "weight of the two-way loss 'true prompt vs its eye-swapped prompt' per image, "
         "added to the InfoNCE",
         min=0.0,
     )
-    pretrain_grade_swap: bool = _f(
+    pretrain_grade_swap: bool = setting(
         True, "hard negatives with the DR grade words replaced, besides the swapped eye"
     )
-    tower_lr_scale: float = _f(
+    tower_lr_scale: float = setting(
         0.1,
         "learning-rate factor of the alignment policy's ViT and text encoder while it "
         "learns from the ratings after contrastive pre-training (keeps what it taught them)",
         min=0.0,
     )
-    pretrain_cache: str = _f(
+    pretrain_cache: str = setting(
         "",
         "directory keeping contrastively pre-trained alignment towers, one file per hash of "
         "the pre-training pairs and the settings that shape them: a retraining with the same "
         "manifest and settings (the next rating round) loads them instead of pre-training "
         "again (empty: off)",
     )
-    init_from: str = _f(
+    init_from: str = setting(
         "",
         "a previous `medrl rewards train` output directory: its selector and alignment "
         "policy (same architecture) are where this training starts, so a rating round "
@@ -231,17 +230,17 @@ class RewardsConfig:
         "(no contrastive pre-training: the towers come with them; the hold-out split is "
         "per image and stable, so held-out images stay unseen); empty: from scratch",
     )
-    service_replicas: int = _f(
+    service_replicas: int = setting(
         1, "reward service actors (Ray) or Serve replicas scoring in parallel", min=1
     )
-    service_num_gpus: float = _f(
+    service_num_gpus: float = setting(
         0.25,
         "GPU share of each reward service replica (fractional: several share one GPU); "
         "used only where the Ray cluster has GPUs, else replicas run on CPU",
         min=0.0,
         max=1.0,
     )
-    service_batch_size: int = _f(
+    service_batch_size: int = setting(
         64, "images the reward service scores per forward pass (mini-batch)", min=1
     )
 

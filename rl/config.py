@@ -11,77 +11,77 @@ a tiny model in that budget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-
-def _f(default, help: str, **meta):  # noqa: A002 - mirrors dataclasses.field's metadata
-    return field(default=default, metadata={"help": help, **meta})
+from runfiles.config import setting
 
 
 @dataclass(frozen=True)
 class RLConfig:
     """The DDPO loop: samplers, rewards, the learner, checkpoints."""
 
-    generator: str = _f(
+    generator: str = setting(
         "", "generator directory to improve; empty: runs/<run.name>/generator (from finetune)"
     )
-    reward: str = _f(
+    reward: str = setting(
         "",
         "reward: a `medrl rewards train` output directory, `brightness` or `spatial`; "
         "empty: runs/<run.name>/rewards",
     )
-    prompts_file: str = _f(
+    prompts_file: str = setting(
         "",
         "training prompts, one per line; empty: the train-split captions of data.manifest",
     )
-    iterations: int = _f(4, "RL iterations (sample, score, update)", min=1)
-    prompts_per_iteration: int = _f(4, "distinct prompts drawn per iteration", min=1)
-    group_size: int = _f(
+    iterations: int = setting(4, "RL iterations (sample, score, update)", min=1)
+    prompts_per_iteration: int = setting(4, "distinct prompts drawn per iteration", min=1)
+    group_size: int = setting(
         8, "images per prompt; advantages are normalised within each prompt's group", min=2
     )
-    num_samplers: int = _f(2, "sampler actors (each holds the generator)", min=1)
-    sampler_num_gpus: float = _f(
+    num_samplers: int = setting(2, "sampler actors (each holds the generator)", min=1)
+    sampler_num_gpus: float = setting(
         0.25, "GPU share per sampler actor where the cluster has GPUs", min=0.0, max=1.0
     )
-    sampler_chunk: int = _f(8, "samples per sampler call (the unit redrawn after a crash)", min=1)
-    learner_workers: int = _f(1, "Ray Train workers (DeepSpeed ranks) of the learner", min=1)
-    learner_use_gpu: Literal["auto", "true", "false"] = _f(
+    sampler_chunk: int = setting(
+        8, "samples per sampler call (the unit redrawn after a crash)", min=1
+    )
+    learner_workers: int = setting(1, "Ray Train workers (DeepSpeed ranks) of the learner", min=1)
+    learner_use_gpu: Literal["auto", "true", "false"] = setting(
         "auto", "learner workers on GPUs: auto = when the cluster has GPUs"
     )
-    zero_stage: int = _f(2, "DeepSpeed ZeRO stage of the learner", min=0, max=3)
-    deepspeed_cpu_shm: bool = _f(
+    zero_stage: int = setting(2, "DeepSpeed ZeRO stage of the learner", min=0, max=3)
+    deepspeed_cpu_shm: bool = setting(
         False,
         "on CPU, let DeepSpeed build its shared-memory allreduce op (a one-time C++ "
         "compile, ~45 s); off: plain gloo allreduce",
     )
-    lr: float = _f(
+    lr: float = setting(
         5e-3,
         "AdamW learning rate of the LoRA weights (2e-2 and up collapsed the tiny test model)",
         min=0.0,
     )
-    weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
-    clip_range: float = _f(0.2, "PPO ratio clip range", min=0.0)
-    adv_clip: float = _f(5.0, "advantages are clipped to [-adv_clip, adv_clip]", min=0.0)
-    kl_weight: float = _f(
+    weight_decay: float = setting(0.0, "AdamW weight decay", min=0.0)
+    clip_range: float = setting(0.2, "PPO ratio clip range", min=0.0)
+    adv_clip: float = setting(5.0, "advantages are clipped to [-adv_clip, adv_clip]", min=0.0)
+    kl_weight: float = setting(
         0.0, "weight of the KL penalty to the base model (adapter disabled); 0: off", min=0.0
     )
-    grad_clip: float = _f(1.0, "gradient norm clip (0: off)", min=0.0)
-    inner_epochs: int = _f(1, "passes over each iteration's samples", min=1)
-    updates_per_epoch: int = _f(
+    grad_clip: float = setting(1.0, "gradient norm clip (0: off)", min=0.0)
+    inner_epochs: int = setting(1, "passes over each iteration's samples", min=1)
+    updates_per_epoch: int = setting(
         4,
         "optimizer steps per pass over an iteration's samples (each over an equal share "
         "of its micro-batches; gradients accumulate within a step)",
         min=1,
     )
-    micro_batch: int = _f(8, "samples per learner forward pass (per rank)", min=1)
-    timestep_fraction: float = _f(
+    micro_batch: int = setting(8, "samples per learner forward pass (per rank)", min=1)
+    timestep_fraction: float = setting(
         1.0,
         "share of each trajectory's trainable DDIM steps (see min_noise_std) trained on",
         min=0.01,
         max=1.0,
     )
-    min_noise_std: float = _f(
+    min_noise_std: float = setting(
         0.05,
         "train only on DDIM steps whose noise std sigma_t is at least this: REINFORCE "
         "estimates a step's gradient from its noise, so a near-deterministic step (the "
@@ -89,45 +89,47 @@ class RLConfig:
         "other step has >= 0.1) adds variance and almost no signal (docs/rl.md); 0: all",
         min=0.0,
     )
-    stage2_start: int = _f(
+    stage2_start: int = setting(
         2,
         "first iteration (0-based) of stage 2, which trains only on samples whose "
         "selector score passes rewards.threshold; >= iterations: stage 1 only",
         min=0,
     )
-    eval_prompts: int = _f(
+    eval_prompts: int = setting(
         8, "held-out prompts (val split) sampled with fixed seeds at every iteration", min=0
     )
-    eval_per_prompt: int = _f(
+    eval_per_prompt: int = setting(
         4, "evaluation images per held-out prompt (different fixed seeds)", min=1
     )
-    eval_seed: int = _f(1234, "first seed of the evaluation images", min=0)
-    gold: Literal["simulated", "none"] = _f(
+    eval_seed: int = setting(1234, "first seed of the evaluation images", min=0)
+    gold: Literal["simulated", "none"] = setting(
         "simulated",
         "gold judge of the evaluation images beside the proxy reward (rl/gold.py): the "
         "SIMULATED expert rating from pixels (phantom-like images only), or none (on real "
         "data gold is a held-out round of expert ratings: `medrl ratings export-round`)",
     )
-    select_by: Literal["gold", "proxy"] = _f(
+    select_by: Literal["gold", "proxy"] = setting(
         "gold",
         "held-out score that picks rl/best (the best adapter version): gold_combined "
         "when a gold judge runs, else the proxy eval_reward",
     )
-    max_fd_increase: float = _f(
+    max_fd_increase: float = setting(
         0.25,
         "rl/best skips adapter versions whose fd_real (FID to held-out real images) exceeds "
         "version 0's by more than this share: they drew away from the real images",
         min=0.0,
     )
-    gold_reference: int = _f(
+    gold_reference: int = setting(
         64, "held-out real images (val split) that fd_real compares against", min=0
     )
-    checkpoint_every: int = _f(1, "iterations between checkpoints", min=1)
-    keep_checkpoints: int = _f(2, "checkpoints kept (older ones deleted after a commit)", min=1)
-    sampler_max_restarts: int = _f(
+    checkpoint_every: int = setting(1, "iterations between checkpoints", min=1)
+    keep_checkpoints: int = setting(
+        2, "checkpoints kept (older ones deleted after a commit)", min=1
+    )
+    sampler_max_restarts: int = setting(
         3, "restarts of a sampler actor that dies; its unfinished samples are redrawn", min=0
     )
-    ray_address: str = _f(
+    ray_address: str = setting(
         "", "Ray cluster to join (`auto` inside a job); empty: start a local Ray on 127.0.0.1"
     )
 
@@ -143,21 +145,23 @@ class RLConfig:
 class TuneConfig:
     """``medrl tune``: a Ray Tune search over the RL loop (one RL run per trial)."""
 
-    num_samples: int = _f(8, "trials drawn from the search space", min=1)
-    metric: str = _f(
+    num_samples: int = setting(8, "trials drawn from the search space", min=1)
+    metric: str = setting(
         "eval_reward", "what trials are compared on: a key of the RL iteration's metrics"
     )
-    mode: Literal["max", "min"] = _f("max", "whether a larger or a smaller metric is better")
-    scheduler: Literal["asha", "fifo"] = _f(
+    mode: Literal["max", "min"] = setting("max", "whether a larger or a smaller metric is better")
+    scheduler: Literal["asha", "fifo"] = setting(
         "asha", "ASHA stops weak trials early (by iteration); fifo runs every trial to the end"
     )
-    grace_period: int = _f(1, "ASHA: iterations every trial gets before it can be stopped", min=1)
-    reduction_factor: int = _f(2, "ASHA: keep the best 1/reduction_factor at each rung", min=2)
-    max_concurrent: int = _f(
+    grace_period: int = setting(
+        1, "ASHA: iterations every trial gets before it can be stopped", min=1
+    )
+    reduction_factor: int = setting(2, "ASHA: keep the best 1/reduction_factor at each rung", min=2)
+    max_concurrent: int = setting(
         1, "trials at once (each starts its own samplers, reward service and learner)", min=1
     )
-    seed: int = _f(0, "seed of the search (which points are drawn)", min=0)
-    space: tuple[str, ...] = _f(
+    seed: int = setting(0, "seed of the search (which points are drawn)", min=0)
+    space: tuple[str, ...] = setting(
         (
             "rl.lr=loguniform(1e-3, 2e-2)",
             "rl.clip_range=uniform(0.05, 0.5)",
@@ -170,4 +174,4 @@ class TuneConfig:
         "search space, one `key=distribution(args)` per entry; distributions: uniform, "
         "loguniform, randint (high exclusive), choice; keys are dotted config keys",
     )
-    out: str = _f("", "where results.csv and best.yaml go; empty: runs/<run.name>/tune")
+    out: str = setting("", "where results.csv and best.yaml go; empty: runs/<run.name>/tune")

@@ -22,7 +22,6 @@ as an uninterrupted run. The same :func:`run_iterations` runs without Ray
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -50,6 +49,7 @@ from runfiles import (
     read_metrics,
     write_latest,
 )
+from runfiles.config import to_dict
 
 # ``cfg`` below is medrl's composed RunConfig (``run``, ``data``, ``lora``, ``sampling``,
 # ``rewards``, ``rl`` sections); rl does not import medrl (DESIGN.md: dependencies point one
@@ -566,7 +566,7 @@ def run_iterations(
                 "iterations_done": done,
                 "optimizer_steps": learner.optimizer_steps,
                 "adapter_version": done,
-                "config": dataclasses.asdict(cfg),
+                "config": to_dict(cfg),
             }
             commit_rl_checkpoint(learner, ckpt_root, done, state, rl.keep_checkpoints)
         if learner.rank == 0:

@@ -18,7 +18,6 @@ a preset for ``medrl rl train --config``), both written atomically.
 from __future__ import annotations
 
 import ast
-import dataclasses
 import json
 import logging
 import os
@@ -143,6 +142,7 @@ def run_tune(
 
     from rl.loop import _ray_init, finite
     from runfiles import atomic_write_text
+    from runfiles.config import to_dict
 
     tc: TuneConfig = cfg.tune
     space = parse_space(tc.space)
@@ -243,8 +243,7 @@ def run_tune(
         f"{tc.metric} {best_row[f'{tc.metric}_last']:.4g}\n"
         + "".join(f"#   {k} = {v}\n" for k, v in best_values.items())
     )
-    # through JSON: the config's tuples become lists, which YAML's safe dumper writes
-    plain = json.loads(json.dumps(dataclasses.asdict(best_cfg)))
+    plain = to_dict(best_cfg)  # tuples become lists, which YAML's safe dumper writes
     atomic_write_text(best_yaml, header + yaml.safe_dump(plain, sort_keys=False))
     log.info("tune: results in %s, best config in %s", results_csv, best_yaml)
     return {
