@@ -5,7 +5,8 @@ One atomic file writer (:func:`atomic_write_text`, :func:`atomic_write_bytes`,
 (:func:`staged_folder` / :func:`commit_folder`) that never deletes the old copy before the
 new one is in place, and the ``latest`` pointer of a checkpoint root
 (:func:`write_latest`, :func:`read_latest`), validated on the way in and out, and a
-run's ``metrics.jsonl`` (:func:`append_metrics`, :func:`read_metrics`). Everything
+run's ``metrics.jsonl`` (:func:`append_metrics`, :func:`read_metrics`). The config base
+every package declares its settings with is :mod:`runfiles.config`. Everything
 is fsynced before it is renamed into place, so what a reader finds after a crash is
 either the old file or folder or the new one, never a part of either.
 
