@@ -8,7 +8,7 @@ to end on the embedded phantom; every rating it writes says so (``rater_id``
   image's :class:`~generators.phantom.PhantomRecord` is known (blur, uneven
   illumination and noise decide it, :func:`generators.phantom.quality_grade_for`);
   for other images (generated ones) the same rule applied to defect levels estimated
-  by :func:`generators.phantom.measure` (sharpness, illumination uniformity, noise;
+  by :func:`generators.fundus_measure.measure` (sharpness, illumination uniformity, noise;
   thresholds calibrated on phantoms, see :data:`MEASURE_LEVELS`).
 - **alignment** (the ``prompt_faithfulness`` aspect, 0/5/10 for 1-3): whether the image
   shows what the prompt says: the eye (laterality) and the diabetic retinopathy grade,
@@ -44,6 +44,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from generators.fundus_measure import measure
 from generators.images import load_image, save_png
 from generators.phantom import (
     BLUR_LEVELS,
@@ -52,7 +53,6 @@ from generators.phantom import (
     NOISE_LEVELS,
     PhantomRecord,
     load_records,
-    measure,
     prompt_for,
     quality_grade_for,
     render,

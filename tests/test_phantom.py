@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from generators import phantom
+from generators.fundus_measure import measure
 from generators.phantom import (
     CSV_COLUMNS,
     DR_GRADE_NAMES,
@@ -18,7 +19,6 @@ from generators.phantom import (
     Lesion,
     PhantomRecord,
     load_records,
-    measure,
     prompt_for,
     quality_grade_for,
     render,
