@@ -19,7 +19,7 @@ import logging
 import os
 import posixpath
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -169,16 +169,28 @@ def read_csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]
     return header, rows()
 
 
-def _map_header(header: list[str]) -> tuple[dict[str, int], list[RowProblem], list[str]]:
-    """Map our column names to header positions (aliases, any case)."""
-    lookup = {c.lower(): c for c in COLUMNS}
-    for canonical, aliases in COLUMN_ALIASES.items():
-        lookup.update({a.lower(): canonical for a in aliases})
+def map_columns(
+    header: Sequence[str],
+    columns: Sequence[str],
+    aliases: Mapping[str, Sequence[str]],
+    required: Sequence[str],
+    normalise: Callable[[str], str] = str.lower,
+) -> tuple[dict[str, int], list[RowProblem], list[str]]:
+    """Map a CSV header onto ``columns`` (with their ``aliases``, compared after
+    ``normalise``): (column -> position, problems on line 1, header names not used).
+
+    A column given twice (under two of its names) and a missing ``required`` column are
+    problems; unknown names are returned as ignored. Used for the data CSV here and for
+    the ratings CSV (rewards.ratings).
+    """
+    lookup = {normalise(c): c for c in columns}
+    for canonical, names in aliases.items():
+        lookup.update({normalise(a): canonical for a in names})
     found: dict[str, int] = {}
     problems: list[RowProblem] = []
     ignored: list[str] = []
     for i, name in enumerate(header):
-        canonical = lookup.get(name.lower())
+        canonical = lookup.get(normalise(name))
         if canonical is None:
             if name:
                 ignored.append(name)
@@ -194,11 +206,10 @@ def _map_header(header: list[str]) -> tuple[dict[str, int], list[RowProblem], li
             )
             continue
         found[canonical] = i
-    missing = [c for c in REQUIRED_COLUMNS if c not in found]
+    missing = [c for c in required if c not in found]
     if missing:
         accepted = "; ".join(
-            f"{c}" + (f" (or {', '.join(COLUMN_ALIASES[c])})" if c in COLUMN_ALIASES else "")
-            for c in missing
+            f"{c}" + (f" (or {', '.join(aliases[c])})" if c in aliases else "") for c in missing
         )
         problems.append(
             RowProblem(
@@ -408,7 +419,7 @@ def ingest_csv(
     out_path = Path(out).absolute() if out is not None else root_path / "manifest.parquet"
 
     header, raw_rows = read_csv_rows(csv_path)
-    columns, problems, ignored = _map_header(header)
+    columns, problems, ignored = map_columns(header, COLUMNS, COLUMN_ALIASES, REQUIRED_COLUMNS)
     if problems:
         raise DataValidationError(csv, problems)
     if ignored:

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from generators.config import MODALITIES
-from generators.datasets import DataValidationError, RowProblem, read_csv_rows
+from generators.datasets import DataValidationError, RowProblem, map_columns, read_csv_rows
 from runfiles import atomic_path
 
 log = logging.getLogger(__name__)
@@ -233,35 +233,8 @@ def _norm_header(name: str) -> str:
 
 
 def map_header(header: Sequence[str]) -> tuple[dict[str, int], list[RowProblem], list[str]]:
-    """Map our column names to header positions (aliases, any case); problems on line 1."""
-    lookup = {_norm_header(c): c for c in COLUMNS}
-    for canonical, aliases in COLUMN_ALIASES.items():
-        lookup.update({_norm_header(a): canonical for a in aliases})
-    found: dict[str, int] = {}
-    problems: list[RowProblem] = []
-    ignored: list[str] = []
-    for i, name in enumerate(header):
-        canonical = lookup.get(_norm_header(name))
-        if canonical is None:
-            if name:
-                ignored.append(name)
-            continue
-        if canonical in found:
-            other = header[found[canonical]]
-            problems.append(
-                RowProblem(1, "header", f"columns {other!r} and {name!r} both mean {canonical!r}")
-            )
-            continue
-        found[canonical] = i
-    missing = [c for c in REQUIRED_COLUMNS if c not in found]
-    if missing:
-        accepted = "; ".join(f"{c} (or {', '.join(COLUMN_ALIASES[c])})" for c in missing)
-        problems.append(
-            RowProblem(
-                1, "header", f"missing required column(s): {accepted}; header is {','.join(header)}"
-            )
-        )
-    return found, problems, ignored
+    """Map our column names to header positions (aliases, any case and punctuation)."""
+    return map_columns(header, COLUMNS, COLUMN_ALIASES, REQUIRED_COLUMNS, _norm_header)
 
 
 def parse_timestamp(text: str) -> str:
