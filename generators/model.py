@@ -40,9 +40,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 GENERATOR_META = "medrl_generator.json"
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> cuda when available, else cpu; anything else is passed to torch."""
-    if device == "auto":
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` or None -> cuda when available, else cpu; anything else as torch reads it."""
+    if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 

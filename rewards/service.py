@@ -51,6 +51,7 @@ import torch
 from PIL import Image
 
 from generators.images import to_tensor, to_uint8
+from generators.model import resolve_device
 from rewards.config import RewardsConfig
 from rewards.models import META_FILE, RewardModels, load_alignment, load_selector
 from rewards.ood import WEIGHTS_FILE as OOD_WEIGHTS_FILE
@@ -404,13 +405,6 @@ class SpatialReward(BatchedReward):
             value = 0.5 + (left - right) / 2.0
             out.append(RewardScore(value, value, float("nan"), _passed(value, self.threshold)))
         return out
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto`` / None: CUDA where available, else CPU; anything else as given."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class RewardModelScorer(BatchedReward):
