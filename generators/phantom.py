@@ -15,7 +15,6 @@ A right eye has its optic disc on the viewer's right. docs/phantom.md has the ru
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import functools
@@ -989,7 +988,7 @@ def load_records(out: str | os.PathLike) -> list[PhantomRecord]:
         return [PhantomRecord.from_dict(json.loads(line)) for line in fh if line.strip()]
 
 
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- figures
 
 
 def grid_figure(size: int, count: int, seed: int, ncols: int | None = None) -> np.ndarray:
@@ -1008,46 +1007,3 @@ def grid_figure(size: int, count: int, seed: int, ncols: int | None = None) -> n
         rows = math.ceil(count / (8 if size <= 128 else 3))
         ncols = math.ceil(count / rows)
     return make_grid(images, ncols=ncols, labels=labels)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m generators.phantom grid OUT.png`` / ``... dataset OUT_DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m generators.phantom", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("grid", help="write a labelled grid of phantom images (PNG)")
-    p.add_argument("out", help="output PNG")
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--count", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--cols", type=int, default=None, help="columns (default: 8 for small images, 3 for large)"
-    )
-    p.add_argument(
-        "--bits",
-        type=int,
-        default=8,
-        choices=range(4, 9),
-        help="bits kept per channel (6 makes a 512 px figure ~1/3 smaller, no visible change)",
-    )
-    p = sub.add_parser("dataset", help="write the phantom dataset (as `medrl data demo`)")
-    p.add_argument("out", help="output directory")
-    p.add_argument("--count", type=int, default=384)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    args = parser.parse_args(argv)
-    if args.command == "grid":
-        grid = grid_figure(args.size, args.count, args.seed, args.cols)
-        if args.bits < 8:  # drop low bits (and spread the kept ones over 0..255)
-            kept = grid & ((0xFF << (8 - args.bits)) & 0xFF)
-            grid = kept | (kept >> args.bits)
-        path = save_png(grid, args.out)
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
-    else:
-        csv_path = write_demo_dataset(args.out, args.count, args.size, args.seed, args.val_fraction)
-        print(f"wrote {csv_path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -68,6 +68,19 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_phantom_grid(args: argparse.Namespace) -> int:
+    from generators.images import save_png
+    from generators.phantom import grid_figure
+
+    grid = grid_figure(args.size, args.count, args.seed, args.cols)
+    if args.bits < 8:  # drop low bits (and spread the kept ones over 0..255)
+        kept = grid & ((0xFF << (8 - args.bits)) & 0xFF)
+        grid = kept | (kept >> args.bits)
+    path = save_png(grid, args.out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
 def cmd_data_demo(args: argparse.Namespace) -> int:
     from generators.phantom import write_demo_dataset
 
@@ -549,6 +562,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.set_defaults(func=cmd_data_demo)
+    p = data.add_parser(
+        "phantom-grid", help="a labelled grid of phantom images covering DR grades 0-4 (PNG)"
+    )
+    p.add_argument("out", help="output PNG")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--count", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cols", type=int, default=None, help="columns (default: 8 for small images, 3 for large)"
+    )
+    p.add_argument(
+        "--bits",
+        type=int,
+        default=8,
+        choices=range(4, 9),
+        help="bits kept per channel (6 makes a 512 px figure ~1/3 smaller, no visible change)",
+    )
+    p.set_defaults(func=cmd_data_phantom_grid)
 
     p = sub.add_parser("finetune", help="supervised fine-tuning of the generator on a manifest")
     _add_config_args(p)

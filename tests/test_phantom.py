@@ -373,7 +373,10 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
 
 def test_grid_command(tmp_path, capsys):
     out = tmp_path / "figs" / "grid.png"
-    assert phantom.main(["grid", str(out), "--size", "32", "--count", "5", "--bits", "6"]) == 0
+    from medrl.cli import main
+
+    args = ["data", "phantom-grid", str(out), "--size", "32", "--count", "5", "--bits", "6"]
+    assert main(args) == 0
     grid = np.asarray(Image.open(out))
     assert grid.ndim == 3 and grid.shape[1] > 3 * 32
     assert "wrote" in capsys.readouterr().out
