@@ -4,7 +4,7 @@ Nothing is trained: the "generated" images are procedural fundus phantoms
 (:mod:`generators.phantom`) drawn with other seeds for the same conditions as the real ones,
 plus one planted near copy of a training image, so the privacy check has something to flag.
 The run directory also gets a ``metrics.jsonl`` with made-up VAE, UNet and RL curves. Used by
-the report test and by ``python -m eval.report --example OUT`` (docs/images/report.png).
+the report test and by ``medrl dev report-example OUT`` (docs/images/report.png).
 """
 
 from __future__ import annotations

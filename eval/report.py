@@ -6,18 +6,16 @@ near-copy pairs) and the run's ``metrics.jsonl`` records into HTML. Nothing is f
 file is opened: images are base64 PNGs, plots are SVG drawn here, and every piece of text from
 the data (prompts, paths, notes) is escaped.
 
-``python -m eval.report --example OUT`` writes a small phantom run (:mod:`eval.example`) and
+``medrl dev report-example OUT`` writes a small phantom run (:mod:`eval.example`) and
 evaluates it with the fallback features: that is how ``docs/images/report.png`` was made.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -902,35 +900,3 @@ def render_report(
         "</main></body></html>",
     ]
     return "\n".join(p for p in parts if p)
-
-
-# --------------------------------------------------------------------------- example
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m eval.report --example OUT``: a phantom run, evaluated, with its report."""
-    parser = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__)
-    parser.add_argument(
-        "--example",
-        metavar="OUT",
-        required=True,
-        help="write a small phantom run and its real data under OUT, then evaluate it",
-    )
-    parser.add_argument("--size", type=int, default=64, help="image side (px)")
-    parser.add_argument("--features", default="fallback", help="as `medrl eval --features`")
-    args = parser.parse_args(argv)
-
-    import logging
-
-    from eval.evaluate import evaluate
-    from eval.example import write_example
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    example = write_example(args.example, size=args.size)
-    result = evaluate(example.run_dir, example.manifest, features=args.features)
-    print(f"report: {result.report}\nmetrics: {result.metrics_file}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

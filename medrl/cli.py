@@ -461,6 +461,16 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dev_report_example(args: argparse.Namespace) -> int:
+    from eval.evaluate import evaluate
+    from eval.example import write_example
+
+    example = write_example(args.out, size=args.size)
+    result = evaluate(example.run_dir, example.manifest, features=args.features)
+    print(f"report: {result.report}\nmetrics: {result.metrics_file}")
+    return 0
+
+
 def cmd_dev_make_standins(args: argparse.Namespace) -> int:
     from medrl.standins import make_standins, standin_overrides
 
@@ -662,6 +672,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="directory to create (must not exist or be empty)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_dev_make_standins)
+    p = dev.add_parser(
+        "report-example",
+        help="write a small phantom run and its real data under OUT, evaluate it, write its "
+        "report (no training: phantoms stand in for generated images)",
+    )
+    p.add_argument("out", help="output directory")
+    p.add_argument("--size", type=int, default=64, help="image side (px)")
+    p.add_argument("--features", default="fallback", help="as `medrl eval --features`")
+    p.set_defaults(func=cmd_dev_report_example)
 
     ratings = sub.add_parser(
         "ratings", help="expert ratings: ingest into SQLite, export, agreement, simulate"

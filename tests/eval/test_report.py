@@ -209,3 +209,12 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(example, tmp_path, capsys
     assert rc != 0
     assert named in err
     assert not (run / "report.html").exists() and not (run / "metrics.json").exists()
+
+
+def test_cli_report_example_writes_a_report(tmp_path, capsys):
+    from medrl.cli import main
+
+    assert main(["dev", "report-example", str(tmp_path / "ex"), "--size", "32"]) == 0
+    out = capsys.readouterr().out
+    report = tmp_path / "ex" / "runs" / "example" / "report.html"
+    assert f"report: {report}" in out and "<html" in report.read_text()[:200].lower()
