@@ -169,10 +169,6 @@ def probe_scratch(args) -> None:
     cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, *args.set])
     manifest = Path(args.manifest or "data/demo/manifest.parquet")
     data = dataclasses.replace(cfg.data, root=str(manifest.parent))
-    from rewards.pools import list_checkpoints, load_checkpoint_generator
-
-    eval_p, eval_s = held_out(manifest)
-    short = [SHORT[i % 2] for i in range(48)]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         finetune(Path(tmp) / "run", cfg.model, data, cfg.finetune, cfg.sampling, seed=0,
@@ -183,24 +179,17 @@ def probe_scratch(args) -> None:
             f"{args.text_encoder or 'the demo one, trained with it'} {' '.join(args.set)} "
             f"({seconds:.0f} s):"
         )
-        for ckpt in list_checkpoints(Path(tmp) / "run"):
-            gen = load_checkpoint_generator(Path(tmp) / "run", ckpt)
-            eye, gold, q = eye_share(gen, eval_p, eval_s)
-            eye_short, _, _ = eye_share(gen, short, list(range(48)))
-            print(
-                f"  {ckpt.name}: held-out eye {eye:.2f} (gold {gold:.2f}, quality {q:.2f}); "
-                f"short prompts eye {eye_short:.2f}",
-                flush=True,
-            )
+        judge_checkpoints(Path(tmp) / "run", manifest, final=False)
 
 
-def probe_checkpoints(args) -> None:
+def judge_checkpoints(run: Path, manifest: Path, final: bool = True) -> None:
+    """Print eye, gold and quality of every checkpoint of a fine-tuning run (and of its
+    final generator when ``final``)."""
     from rewards.pools import list_checkpoints, load_checkpoint_generator
 
-    run = Path(args.run)
-    eval_p, eval_s = held_out(Path(args.manifest or "data/demo/manifest.parquet"))
+    eval_p, eval_s = held_out(manifest)
     short = [SHORT[i % 2] for i in range(48)]
-    for ckpt in [*list_checkpoints(run), None]:
+    for ckpt in [*list_checkpoints(run), *([None] if final else [])]:
         gen = load_checkpoint_generator(run, ckpt)
         eye, gold, q = eye_share(gen, eval_p, eval_s)
         eye_short, _, _ = eye_share(gen, short, list(range(48)))
@@ -238,6 +227,10 @@ def main() -> None:
     p.add_argument("run", help="a fine-tuning run directory (checkpoints/, generator/)")
     p.add_argument("--manifest", default=None)
     args = parser.parse_args()
+
+    def probe_checkpoints(args) -> None:
+        judge_checkpoints(Path(args.run), Path(args.manifest or "data/demo/manifest.parquet"))
+
     probes = {"filter": probe_filter, "scratch": probe_scratch, "checkpoints": probe_checkpoints}
     probes[args.probe](args)
 

@@ -18,7 +18,6 @@ The dashboard (and so the Jobs API) is bound to 127.0.0.1 on the head; reach it 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import shlex
@@ -103,13 +102,9 @@ def _normalise_address(address: str) -> str:
 
 
 def _is_loopback(address: str) -> bool:
-    host = urlsplit(address).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    from rewards.workbench.app import is_loopback
+
+    return is_loopback(urlsplit(address).hostname or "")
 
 
 def find_token() -> str | None:

@@ -62,6 +62,7 @@ from generators.sampling import sample
 from runfiles import (
     METRICS_FILE,
     append_metrics,
+    prune_checkpoints,
     read_latest,
     read_metrics,
     staged_folder,
@@ -146,9 +147,7 @@ def commit_checkpoint(ckpt_root: Path, name: str, write: callable, keep: int) ->
     with staged_folder(final) as tmp:
         write(tmp)
     write_latest(ckpt_root, name)
-    steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
-    for old in steps[: max(0, len(steps) - keep)]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(ckpt_root, keep)
     return final
 
 

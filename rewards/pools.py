@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import runfiles
 from generators.phantom import PhantomRecord
 from runfiles import commit_folder
 
@@ -46,8 +47,7 @@ SOURCES = ("real", "reconstruction", "generated")
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The committed fine-tuning checkpoints of a run (``checkpoints/step-*``), oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.startswith("."))
+    return runfiles.list_checkpoints(Path(run_dir) / "checkpoints")
 
 
 def load_checkpoint_generator(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None):

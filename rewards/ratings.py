@@ -536,12 +536,7 @@ def ingest_ratings(
                     )
             if problems:
                 raise DataValidationError(csv_path, problems)
-            now = _now()
-            conn.executemany(
-                f"INSERT INTO ratings ({', '.join(_STORED)}, ingested_at) "
-                f"VALUES ({', '.join('?' * (len(_STORED) + 1))})",
-                [tuple(r[c] for c in _STORED) + (now,) for r in fresh],
-            )
+            insert_ratings(conn, fresh, _now())
             total = conn.execute("SELECT COUNT(*) FROM ratings").fetchone()[0]
             conn.execute("COMMIT")
         except BaseException:
@@ -560,6 +555,22 @@ def ingest_ratings(
         unrated=unrated,
         rounds=dict(Counter(r["round"] for r in rows)),
     )
+
+
+def insert_ratings(
+    conn: sqlite3.Connection, rows: Sequence[dict[str, Any]], ingested_at: str
+) -> list[int]:
+    """Insert validated rows (every column of :data:`COLUMNS`, ``source``, ``source_line``)
+    inside the caller's transaction; their row ids. :func:`ingest_ratings` and the rating
+    workbench store ratings through here."""
+    sql = (
+        f"INSERT INTO ratings ({', '.join(_STORED)}, ingested_at) "
+        f"VALUES ({', '.join('?' * (len(_STORED) + 1))})"
+    )
+    return [
+        int(conn.execute(sql, tuple(r[c] for c in _STORED) + (ingested_at,)).lastrowid)
+        for r in rows
+    ]
 
 
 def read_ratings(source: str | os.PathLike) -> pd.DataFrame:

@@ -45,6 +45,7 @@ from runfiles import (
     append_metrics,
     atomic_write_text,
     commit_folder,
+    prune_checkpoints,
     read_latest,
     read_metrics,
     write_latest,
@@ -304,9 +305,7 @@ def commit_rl_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if learner.rank == 0:
-        old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
-        for p in old[: max(0, len(old) - keep)]:
-            shutil.rmtree(p, ignore_errors=True)
+        prune_checkpoints(ckpt_root, keep)
     dist.barrier()
     return final
 

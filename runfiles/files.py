@@ -5,12 +5,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 #: The file in a checkpoint root that names the newest committed checkpoint.
 LATEST = "latest"
@@ -83,18 +85,25 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 # --------------------------------------------------------------------------- folders
 
 
+@functools.cache
+def _renameat2() -> Any:
+    """libc's renameat2 (Linux), or None where there is none."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name or not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return None
+    fn = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the
     system or file system cannot."""
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name or not hasattr(os, "uname") or os.uname().sysname != "Linux":
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
+    fn = _renameat2()
     if fn is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
         return True
     err = ctypes.get_errno()
@@ -113,11 +122,12 @@ def commit_folder(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
 
     Everything in ``tmp`` is fsynced first. Where ``dest`` exists, the two are exchanged in
     one step (Linux ``renameat2``), so ``dest`` is never missing; elsewhere the old folder
-    is renamed aside to ``.<name>.old-*`` first and :func:`recover_folder` puts it back if
-    the process dies before the new one is in place. The old copy is deleted only after
-    the new one is in place.
+    is renamed aside to ``.<name>.old-*`` first and :func:`recover_folder` (run here first,
+    so the next commit finds it) puts it back if the process died before the new one was
+    in place. The old copy is deleted only after the new one is in place.
     """
     tmp, dest = Path(tmp), Path(dest)
+    recover_folder(dest)
     _fsync_tree(tmp)
     if not dest.exists():
         os.rename(tmp, dest)
@@ -159,7 +169,6 @@ def staged_folder(dest: str | os.PathLike) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    recover_folder(dest)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     try:
         yield tmp
@@ -167,6 +176,23 @@ def staged_folder(dest: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(root: str | os.PathLike, pattern: str = "step-*") -> list[Path]:
+    """The committed checkpoint folders of ``root`` (``step-*``), oldest first; the
+    temporary folders of commits in progress (``.step-*``) are not among them."""
+    root = Path(root)
+    return sorted(p for p in root.glob(pattern) if p.is_dir() and not p.name.startswith("."))
+
+
+def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` committed checkpoints of ``root``, oldest first."""
+    steps = list_checkpoints(root)
+    for old in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- latest

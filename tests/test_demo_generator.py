@@ -9,7 +9,6 @@ a short run of the shipped VAE's recipe.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -183,9 +182,10 @@ def test_recipe_keep_run_leaves_checkpoints_the_eye_probe_judges(tmp_path, capsy
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     capsys.readouterr()
-    probe.probe_checkpoints(
-        argparse.Namespace(run=str(run), manifest=str(tmp_path / "data" / "manifest.parquet"))
-    )
+    probe.judge_checkpoints(run, tmp_path / "data" / "manifest.parquet")
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0].strip() for line in lines] == [*steps, "generator (final)"]
-    assert all("held-out eye" in line for line in lines)
+    for line in lines:  # shares of images with the prompt's eye, and gold 2-6
+        eye = float(line.split("held-out eye ")[1].split()[0])
+        gold = float(line.split("(gold ")[1].split(",")[0])
+        assert 0 <= eye <= 1 and 2 <= gold <= 6

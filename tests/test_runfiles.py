@@ -44,6 +44,25 @@ class Crash(BaseException):
     pass
 
 
+def crash_between_fallback_renames(dest: Path, monkeypatch) -> None:
+    """Commit "v2" over ``dest`` without the exchange, killed after the old copy was set
+    aside and before the new one was in place."""
+    monkeypatch.setattr(rf, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+    calls = []
+
+    def rename(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:
+            raise Crash("killed between the renames")
+        real_rename(a, b)
+
+    monkeypatch.setattr(rf.os, "rename", rename)
+    with pytest.raises(Crash):
+        write_folder(dest, "v2")
+    monkeypatch.undo()
+
+
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "fallback"])
 def test_crash_between_new_in_place_and_old_removed_leaves_a_loadable_copy(
     tmp_path: Path, monkeypatch, exchange: bool
@@ -77,20 +96,7 @@ def test_crash_between_new_in_place_and_old_removed_leaves_a_loadable_copy(
 def test_fallback_crash_between_the_two_renames_is_recovered(tmp_path: Path, monkeypatch):
     dest = tmp_path / "adapter"
     write_folder(dest, "v1")
-    monkeypatch.setattr(rf, "_exchange", lambda a, b: False)
-    real_rename = os.rename
-    calls = []
-
-    def rename(a, b):
-        calls.append((a, b))
-        if len(calls) == 2:  # old set aside, new not yet in place
-            raise Crash("killed between the renames")
-        real_rename(a, b)
-
-    monkeypatch.setattr(rf.os, "rename", rename)
-    with pytest.raises(Crash):
-        write_folder(dest, "v2")
-    monkeypatch.undo()
+    crash_between_fallback_renames(dest, monkeypatch)
     assert not dest.exists()
     assert recover_folder(dest)
     assert (dest / "weights.txt").read_text() == "v1"  # the old copy, whole
@@ -139,3 +145,28 @@ def test_metrics_jsonl_one_policy_for_bad_lines(tmp_path: Path, caplog):
     assert [r.get("iteration") for r in read_metrics(path, stage="rl")] == [0, 1]
     assert len(read_metrics(path)) == 3
     assert "line 3: not a JSON object" in caplog.text and "line 4" in caplog.text
+
+
+def test_a_commit_after_a_fallback_crash_recovers_first_and_leaves_no_backup(
+    tmp_path: Path, monkeypatch
+):
+    dest = tmp_path / "rewards"
+    write_folder(dest, "v1")
+    crash_between_fallback_renames(dest, monkeypatch)
+    assert not dest.exists()
+    write_folder(dest, "v3")  # commit_folder puts v1 back first, then replaces it
+    assert (dest / "weights.txt").read_text() == "v3"
+    assert leftovers(tmp_path) == []
+
+
+def test_checkpoints_listed_oldest_first_and_pruned(tmp_path: Path):
+    from runfiles import list_checkpoints, prune_checkpoints
+
+    for name in ("step-000003", "step-000001", "step-000002", ".step-000004.tmp-x"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "latest").write_text("step-000003\n")
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "step-000001", "step-000002", "step-000003"]  # fmt: skip
+    prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
+    assert (tmp_path / ".step-000004.tmp-x").is_dir()  # a commit in progress is not touched

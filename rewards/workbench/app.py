@@ -185,6 +185,8 @@ def admin_view(bench: Workbench) -> dict[str, Any]:
 
 
 def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP address (the workbench's and ``medrl submit``'s test
+    for "this stays on the machine")."""
     if host == "localhost":
         return True
     try:

@@ -40,7 +40,15 @@ import numpy as np
 import pandas as pd
 
 from rewards import rounds
-from rewards.ratings import ASPECT_MAX, ASPECTS, RATING_VALUES, connect, parse_timestamp
+from rewards.ratings import (
+    ASPECT_MAX,
+    ASPECTS,
+    COLUMNS,
+    RATING_VALUES,
+    connect,
+    insert_ratings,
+    parse_timestamp,
+)
 
 #: The rating protocols a round can be served with.
 PROTOCOLS: dict[str, str] = {
@@ -176,8 +184,11 @@ class Workbench:
             raise ValueError(f"{self.round_dir}: sheet images not in the round key: {missing[:3]}")
         if protocol is not None and protocol not in PROTOCOLS:
             raise ValueError(f"protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
-        if repeats is not None and not 0 <= repeats <= len(self.images):
-            raise ValueError(f"repeats {repeats}: from 0 to the round's {len(self.images)} images")
+        if repeats is not None and not 0 <= repeats <= len(self.images) // 2:
+            # repeats are drawn from the first half of a queue and shown in the second
+            raise ValueError(
+                f"repeats {repeats}: from 0 to half the round's {len(self.images)} images"
+            )
         self._local = threading.local()
         # the server's threads take turns here rather than in SQLite's busy handler, whose
         # back-off sleeps (up to 100 ms each) made the p99 of an answer a second at 20 raters
@@ -405,15 +416,11 @@ class Workbench:
             (self.round, rater.rater_id, pos),
         ).fetchone()
         nonce = self._form_token(row[0], self._answer_count(conn, row[0]))
-        last = (
-            self._conn()
-            .execute(
-                "SELECT rating, aspects, comment FROM workbench_answers WHERE item_id = ? "
-                "ORDER BY id DESC LIMIT 1",
-                (row[0],),
-            )
-            .fetchone()
-        )
+        last = conn.execute(
+            "SELECT rating, aspects, comment FROM workbench_answers WHERE item_id = ? "
+            "ORDER BY id DESC LIMIT 1",
+            (row[0],),
+        ).fetchone()
         return {
             "item_id": row[0],
             "pos": pos,
@@ -486,9 +493,6 @@ class Workbench:
         """Store one answer (see the module docstring); returns the rater's progress."""
         rating, clean = self._validate(rating, aspects, comment)
         entry = self._entry(rater, item_id)
-        image = entry["image"]
-        ki = self.key["images"][image]
-        root = self.images_root
         now = _now()
         with self.transaction() as conn:
             count = self._answer_count(conn, item_id)
@@ -505,28 +509,9 @@ class Workbench:
                 raise WorkbenchError(409, "this answer's form is not current: reload the page")
             rating_id = None
             if entry["repeat_of"] is None:
-                values = {
-                    "image_path": rounds.stored_path(self.round_dir / image, root),
-                    "rating": rating,
-                    "modality": self.modality.get(image, ""),
-                    "expert_level": rater.expert_level,
-                    "prompt": ki["prompt"],
-                    "rater_id": rater.rater_id,
-                    "timestamp": now,
-                    "generator_ckpt": ki["generator_ckpt"],
-                    "seed": int(ki["seed"]),
-                    "round": self.round,
-                    **{a: clean.get(a) for a in ASPECTS},
-                    "source": f"workbench:{self.round_dir}",
-                    "source_line": None,
-                    "ingested_at": now,
-                }
-                cols = ", ".join(values)
-                cur = conn.execute(
-                    f"INSERT INTO ratings ({cols}) VALUES ({', '.join('?' * len(values))})",
-                    tuple(values.values()),
+                (rating_id,) = insert_ratings(
+                    conn, [self._sheet_row(entry["image"], rater, rating, clean, now)], now
                 )
-                rating_id = cur.lastrowid
             conn.execute(
                 "INSERT INTO workbench_answers (item_id, rating, aspects, comment, rating_id, "
                 "nonce, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -534,6 +519,29 @@ class Workbench:
             )
         answered = self._answered(rater)
         return {"answered": len(answered), "total": self._ensure_queue(rater)}
+
+    def _sheet_row(
+        self, image: str, rater: Rater, rating: int, aspects: dict[str, float], now: str
+    ) -> dict[str, Any]:
+        """The answer as the filled sheet's row, completed by the round key exactly as
+        ``medrl ratings ingest`` completes a sheet (rounds.apply_key)."""
+        row = dict.fromkeys(COLUMNS, "") | {
+            "image_path": image,
+            "rating": rating,
+            "modality": self.modality.get(image, ""),
+            "expert_level": rater.expert_level,
+            "rater_id": rater.rater_id,
+            "timestamp": now,
+            "seed": None,
+            **{a: aspects.get(a) for a in ASPECTS},
+            "source": f"workbench:{self.round_dir}",
+            "source_line": None,
+        }
+        problems: list = []
+        rows = rounds.apply_key([row], self.key, self.round_dir, self.images_root, problems)
+        if problems:  # the queue only holds images of the key: a damaged round folder
+            raise WorkbenchError(500, "; ".join(p.reason for p in problems))
+        return rows[0]
 
     # ------------------------------------------------------------------ results
 

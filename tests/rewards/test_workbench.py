@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import urllib.error
@@ -127,6 +128,8 @@ def test_aspects_protocol_and_protocol_fixed_at_first_serve(tmp_path: Path):
     assert row["clinical_realism"] == 7.5 and row["confidence_of_use"] == 7.5
     with pytest.raises(ValueError, match="cannot change"):
         Workbench(tmp_path / "r.db", round_dir, protocol="cs787")
+    with pytest.raises(ValueError, match="half the round"):  # repeats come from the first half
+        Workbench(tmp_path / "other.db", round_dir, repeats=3)
     assert Workbench(tmp_path / "r.db", round_dir).protocol == "aspects"
 
 
@@ -248,6 +251,14 @@ def test_http_refuses_what_it_must_and_leaks_nothing(bench: Workbench):
         big = json.dumps({**answer, "comment": "x" * MAX_BODY}).encode()
         status, body, _ = call(url + "/api/answer", "POST", cookie=alice, raw=big)
         assert status == 413 and b"16384" in body
+        host, port = url.removeprefix("http://").split(":")
+        chunked = http.client.HTTPConnection(host, int(port), timeout=30)
+        chunked.request("POST", "/api/answer", body=iter([json.dumps(answer).encode()]),
+                        headers={"X-Medrl": "1", "Cookie": alice,
+                                 "Content-Type": "application/json"})  # fmt: skip
+        res = chunked.getresponse()
+        assert res.status == 411 and b"Content-Length" in res.read()  # no declared length
+        chunked.close()
         assert len(read_ratings(bench.db)) == 0  # nothing refused was stored
         assert call(url + "/api/answer", "POST", answer, cookie=alice)[0] == 200
         assert call(url + "/api/answer", "POST", answer, cookie=alice)[0] == 409  # replay

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rewards.ratings import export_ratings, ingest_ratings, read_ratings
+from rewards.ratings import agreement_report, export_ratings, ingest_ratings, read_ratings
 from rewards.workbench.app import Background
 from rewards.workbench.store import Rater, Workbench
 from tests.rewards.workbench_round import make_round
@@ -135,7 +135,8 @@ def test_two_raters_rate_a_round_with_the_keyboard(browser, tmp_path: Path):
         page.wait_for_selector("#progress-table")
         text = page.inner_text("#progress-table")
         assert "alice\t9\t9\t1" in text and "bob\t9\t9\t0" in text
-        assert page.inner_text("#alpha") != ""
+        alpha = agreement_report(bench.round_ratings())["alpha_ordinal"]
+        assert page.inner_text("#alpha") == f"{alpha:.3f}"
         if shots:
             page.screenshot(path=str(Path(shots) / "workbench-progress.png"), full_page=True)
         for ctx in [*contexts.values(), boss]:
