@@ -24,7 +24,7 @@ import torch
 
 from generators.images import load_image, to_tensor
 from medrl.config import load_config
-from rewards.service import RewardModelScorer
+from rewards.scorers import RewardModelScorer
 from rewards.simulated import (
     MEASURE_LEVELS,
     SimulatedExpert,

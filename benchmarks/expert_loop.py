@@ -59,7 +59,7 @@ class GoldReward:
 
     def score(self, images, prompts, ids):
         from generators.images import to_uint8
-        from rewards.service import RewardScore, ScoreResult
+        from rewards.scores import RewardScore, ScoreResult
 
         scores = {}
         for sid, img, p in zip(ids, to_uint8(images), prompts, strict=True):
@@ -75,7 +75,7 @@ class EyeReward(GoldReward):
 
     def score(self, images, prompts, ids):
         from generators.images import to_uint8
-        from rewards.service import RewardScore, ScoreResult
+        from rewards.scores import RewardScore, ScoreResult
 
         scores = {}
         for sid, img, p in zip(ids, to_uint8(images), prompts, strict=True):
@@ -101,7 +101,7 @@ def near_copies(images: torch.Tensor, train_paths: list[str], size: int) -> int:
 
 def run_once(cfg, inputs: dict, kind: str, seed: int) -> tuple[list[dict], torch.Tensor]:
     """The RL run's records and its final adapter's evaluation images."""
-    from rewards.service import build_reward
+    from rewards.scorers import build_reward
     from rl.loop import LocalBackend, evaluate_adapter, run_local
     from rl.samplers import Sampler
 

@@ -77,7 +77,7 @@ class RandomTrainingRewards:
 
 def run_once(gen_dir: Path, work: Path, overrides: list[str], seed: int, iterations: int,
              eval_images: int, control: bool) -> list[float]:  # fmt: skip
-    from rewards.service import build_reward
+    from rewards.scorers import build_reward
     from rl.loop import run_local
 
     cfg = rl_config(

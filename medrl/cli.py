@@ -292,7 +292,7 @@ def cmd_rewards_train(args: argparse.Namespace) -> int:
 
 
 def cmd_rewards_serve(args: argparse.Namespace) -> int:
-    from rewards.service import serve_rewards
+    from rewards.http import serve_rewards
 
     cfg = _load(args)
     spec = args.reward or f"models:{args.models or cfg.run_dir / 'rewards'}"

@@ -243,7 +243,7 @@ def run_local(
     reference of benchmarks/rl_iteration.py, and what the learning tests and
     benchmarks/rl_learning.py run. Returns the records and the learner.
     """
-    from rewards.service import build_reward
+    from rewards.scorers import build_reward
     from rl.samplers import Sampler
 
     if reward is None:

@@ -40,7 +40,7 @@ def test_scorer_takes_the_penalty_off_images_unlike_the_rated_pool(tmp_path):
     from generators.images import to_tensor
     from generators.phantom import render, sample_record
     from rewards.models import build_alignment, build_selector, save_reward_model
-    from rewards.service import RewardModelScorer
+    from rewards.scorers import RewardModelScorer
     from tests.rewards.conftest import tiny_rewards_cfg
 
     cfg = tiny_rewards_cfg()

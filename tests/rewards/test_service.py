@@ -13,25 +13,18 @@ import numpy as np
 import pytest
 import torch
 
+from rewards.http import RewardHTTPService, check_host, decode_image, encode_image, serve_rewards
 from rewards.models import RewardModels, build_alignment, build_selector, save_reward_model
-from rewards.service import (
+from rewards.scorers import (
     BatchedReward,
     BrightnessReward,
-    Reward,
     RewardModelScorer,
-    RewardScore,
-    RewardService,
-    ScoreResult,
     SpatialReward,
     build_reward,
-    check_host,
-    decode_image,
-    encode_image,
     rewards_config,
-    score_with_services,
-    serve_rewards,
-    start_reward_services,
 )
+from rewards.scores import Reward, RewardScore, ScoreResult
+from rewards.service import RewardService, score_with_services, start_reward_services
 from tests.rewards.conftest import tiny_rewards_cfg
 
 PROMPTS = [
@@ -229,7 +222,7 @@ def test_reward_specs_and_config_dicts(models_dir):
 
 
 def test_score_json_round_trips_pngs_and_names_bad_images():
-    service = RewardService("brightness", {"service_batch_size": 4})
+    service = RewardHTTPService("brightness", {"service_batch_size": 4})
     x = images(3)
     body = {
         "ids": ["a", "b", "c"],

@@ -19,7 +19,7 @@ DEFAULT_BATCH = ("rl.prompts_per_iteration=4", "rl.group_size=8", "rl.micro_batc
 
 
 def _run(cfg, generator_dir: Path, eval_prompts, reward_wrapper=None, learner_seed: int = 0):
-    from rewards.service import build_reward
+    from rewards.scorers import build_reward
     from rl.loop import run_local
 
     reward = build_reward(cfg.rl.reward, cfg.rewards)
