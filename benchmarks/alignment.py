@@ -39,7 +39,7 @@ from medrl.config import load_config  # noqa: E402
 def prepare(work: Path) -> tuple[Path, Path]:
     """The rating store and the manifest under ``work`` (made when missing)."""
     from generators.datasets import ingest_csv
-    from generators.phantom import write_demo_dataset
+    from generators.phantom_dataset import write_demo_dataset
     from rewards.ratings import ingest_ratings
     from rewards.simulated import write_demo_pool
 

@@ -102,7 +102,8 @@ def near_copies(images: torch.Tensor, train_paths: list[str], size: int) -> int:
 def run_once(cfg, inputs: dict, kind: str, seed: int) -> tuple[list[dict], torch.Tensor]:
     """The RL run's records and its final adapter's evaluation images."""
     from rewards.scorers import build_reward
-    from rl.loop import LocalBackend, evaluate_adapter, run_local
+    from rl.loop import run_local
+    from rl.rollout import LocalBackend, evaluate_adapter
     from rl.samplers import Sampler
 
     if kind == "gold":
@@ -148,7 +149,7 @@ def main() -> None:
 
     from eval.overoptimisation import version_table
     from medrl.config import load_config
-    from rl.loop import resolve_inputs
+    from rl.inputs import resolve_inputs
 
     run = Path(args.run)
     reward_dir = Path(args.reward_dir or run / "rewards")

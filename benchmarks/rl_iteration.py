@@ -52,7 +52,7 @@ def _seconds(records: list[dict]) -> list[float]:
 
 
 def run_ray(cfg) -> tuple[list[float], float]:
-    from rl.loop import run_rl
+    from cluster.driver import run_rl
 
     t0 = time.perf_counter()
     out = run_rl(cfg)
@@ -61,7 +61,8 @@ def run_ray(cfg) -> tuple[list[float], float]:
 
 
 def run_local(cfg, threads: int) -> tuple[list[float], float]:
-    from rl.loop import resolve_inputs, run_local
+    from rl.inputs import resolve_inputs
+    from rl.loop import run_local
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()

@@ -21,7 +21,8 @@ import pandas as pd
 
 from generators.datasets import ingest_csv
 from generators.images import save_png
-from generators.phantom import DR_GRADE_NAMES, render, sample_record
+from generators.phantom import DR_GRADE_NAMES, sample_record
+from generators.phantom_render import render
 
 #: (laterality, DR grade) of each example prompt.
 CONDITIONS: tuple[tuple[str, int], ...] = (("right", 0), ("left", 2), ("right", 3), ("left", 4))

@@ -70,7 +70,7 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 def cmd_data_phantom_grid(args: argparse.Namespace) -> int:
     from generators.images import save_png
-    from generators.phantom import grid_figure
+    from generators.phantom_dataset import grid_figure
 
     grid = grid_figure(args.size, args.count, args.seed, args.cols)
     if args.bits < 8:  # drop low bits (and spread the kept ones over 0..255)
@@ -82,7 +82,7 @@ def cmd_data_phantom_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_data_demo(args: argparse.Namespace) -> int:
-    from generators.phantom import write_demo_dataset
+    from generators.phantom_dataset import write_demo_dataset
 
     csv = write_demo_dataset(
         args.out, count=args.count, size=args.size, seed=args.seed, val_fraction=args.val_fraction
@@ -310,8 +310,10 @@ def cmd_rewards_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_rl_train(args: argparse.Namespace) -> int:
+    from cluster.driver import run_rl
     from medrl.runs import prepare_run_dir, print_proxy_and_gold
-    from rl.loop import eval_curve, resolve_inputs, run_rl
+    from rl.inputs import resolve_inputs
+    from rl.records import eval_curve
 
     cfg = _load(args)
     resolve_inputs(cfg)  # a missing generator, reward or prompts fails before Ray starts
@@ -333,16 +335,16 @@ def cmd_rl_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     import functools
 
+    from cluster.tune import parse_space, run_tune
     from medrl.config import load_config
     from medrl.runs import prepare_run_dir
-    from rl.loop import resolve_inputs
-    from rl.tune import parse_space, run_tune
+    from rl.inputs import resolve_inputs
 
     cfg = _load(args)
     parse_space(cfg.tune.space)  # a bad search space fails before Ray starts
     inputs = resolve_inputs(cfg)  # so do a missing generator, reward or prompts
     # trials rebuild their config from the same preset and overrides; they keep this
-    # working directory (rl.tune sets RAY_CHDIR_TO_TRIAL_DIR=0), so relative paths hold
+    # working directory (cluster.tune sets RAY_CHDIR_TO_TRIAL_DIR=0), so relative paths hold
     out = run_tune(
         cfg,
         make_config=functools.partial(load_config, args.config),

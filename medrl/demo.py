@@ -46,7 +46,7 @@ def run_demo(cfg: RunConfig) -> dict[str, Path]:
     from generators.finetune import finetune
     from generators.generate import generate_images
     from generators.model import load_generator, resolve_device
-    from generators.phantom import write_demo_dataset
+    from generators.phantom_dataset import write_demo_dataset
 
     t0 = time.time()
     data_root = Path(cfg.data.root)
@@ -233,8 +233,9 @@ def _rating_round(cfg: RunConfig, run_dir: Path, r: int, previous: Path) -> Path
 
 def _rl(cfg: RunConfig, run_dir: Path, rewards_dir: Path) -> dict[str, Any]:
     """Steps 7-8: rounds of RL on a local Ray (each resumes the last), then export."""
+    from cluster.driver import run_rl
     from generators.lora import ADAPTER_CONFIG, export_run_adapter
-    from rl.loop import BEST_DIR, run_rl
+    from rl.checkpoints import BEST_DIR
 
     ends = round_ends(cfg.rl.iterations, cfg.demo.rating_rounds)
     reward = rewards_dir

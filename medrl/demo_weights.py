@@ -96,7 +96,7 @@ def measure_reconstructions(gen: Any, x: torch.Tensor, prompts: list[str]) -> di
 
 def _dataset(cfg: RunConfig) -> Path:
     from generators.datasets import ingest_csv
-    from generators.phantom import write_demo_dataset
+    from generators.phantom_dataset import write_demo_dataset
 
     d = cfg.data
     if not Path(d.csv_path).is_file():

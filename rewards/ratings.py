@@ -33,78 +33,21 @@ import pyarrow.parquet as pq
 
 from generators.config import MODALITIES
 from generators.datasets import DataValidationError, RowProblem, map_columns, read_csv_rows
+from rewards import rounds
+from rewards.sheet import (
+    ASPECT_MAX,
+    ASPECTS,
+    COLUMN_ALIASES,
+    COLUMNS,
+    EXPORT_COLUMNS,
+    RATING_VALUES,
+    REQUIRED_COLUMNS,
+    ROUND_COLUMN,
+)
 from runfiles import atomic_path
 
 log = logging.getLogger(__name__)
 
-#: The CS787 ratings CSV columns, in order.
-CS787_COLUMNS: tuple[str, ...] = (
-    "image_path",
-    "rating",
-    "modality",
-    "expert_level",
-    "prompt",
-    "rater_id",
-    "timestamp",
-    "generator_ckpt",
-    "seed",
-)
-#: Optional 0-10 scores of the six-aspect expert protocol (Prompt-to-Polyp, MSDM).
-ASPECTS: tuple[str, ...] = (
-    "clinical_realism",
-    "prompt_faithfulness",
-    "abnormality_detectability",
-    "colour_contrast",
-    "intra_set_diversity",
-    "confidence_of_use",
-)
-#: The rating round (``medrl ratings export-round``) a rating belongs to; "" for ratings
-#: that came in outside a round (and for every rating stored before rounds existed).
-ROUND_COLUMN = "round"
-COLUMNS: tuple[str, ...] = CS787_COLUMNS + (ROUND_COLUMN,) + ASPECTS
-REQUIRED_COLUMNS: tuple[str, ...] = ("image_path", "rating", "rater_id", "timestamp")
-#: Columns written by :func:`export_ratings`: ours plus the normalised rating.
-EXPORT_COLUMNS: tuple[str, ...] = COLUMNS + ("rating_norm",)
-
-#: Other header names accepted; matched after lower-casing and turning every run of
-#: characters other than letters and digits into one underscore ("Color and Contrast"
-#: -> "color_and_contrast").
-COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
-    "image_path": ("path", "image", "filepath", "file", "image_file"),
-    "rating": ("score", "expert_rating", "quality_rating"),
-    "modality": ("modal",),
-    "expert_level": ("expertise", "level", "rater_level", "expert_type"),
-    "prompt": ("text", "caption"),
-    "rater_id": ("rater", "expert_id", "expert", "annotator", "annotator_id", "user_id"),
-    "timestamp": ("time", "rated_at", "datetime", "date"),
-    "generator_ckpt": ("checkpoint", "ckpt", "generator", "model", "generator_checkpoint"),
-    "seed": ("sample_seed",),
-    "round": ("rating_round",),
-    "clinical_realism": ("realism",),
-    "prompt_faithfulness": ("faithfulness", "prompt_adherence", "prompt_alignment"),
-    "abnormality_detectability": (
-        "detectability",
-        "detectability_of_abnormality",
-        "abnormality_detection",
-    ),
-    "colour_contrast": (
-        "color_contrast",
-        "colour_and_contrast",
-        "color_and_contrast",
-        "contrast",
-    ),
-    "intra_set_diversity": ("diversity", "intraset_diversity"),
-    "confidence_of_use": (
-        "confidence",
-        "confidence_of_use_clinical",
-        "clinical_confidence",
-        "confidence_of_clinical_use",
-    ),
-}
-
-#: Ratings are 1 (poor), 2 (fair), 3 (good); aspects 0..10.
-RATING_VALUES: tuple[int, ...] = (1, 2, 3)
-ASPECT_MAX = 10.0
 
 #: 1: the CS787 columns and aspects, unique (image_path, rater_id, timestamp).
 #: 2: a ``round`` column, unique (image_path, rater_id, timestamp, round); version 1
@@ -484,8 +427,6 @@ def ingest_ratings(
         DataValidationError: bad rows, including clashes with stored ratings (all listed
             with their CSV line); nothing is stored.
     """
-    from rewards import rounds
-
     csv_path = Path(csv_path)
     key = rounds.find_key(csv_path, round_dir)
     sheet_dir = Path(round_dir) if round_dir is not None else csv_path.parent

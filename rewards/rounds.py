@@ -150,7 +150,7 @@ def export_round(
     from generators.lora import load_adapter_into
     from generators.model import inference_dtype, load_generator, resolve_device
     from generators.sampling import sample
-    from rewards.ratings import COLUMNS
+    from rewards.sheet import COLUMNS
 
     if per_prompt < 1 or not prompts:
         raise ValueError(f"export_round: need prompts and per_prompt >= 1, got {per_prompt}")

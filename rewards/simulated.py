@@ -52,13 +52,13 @@ from generators.phantom import (
     ILLUMINATION_LEVELS,
     NOISE_LEVELS,
     PhantomRecord,
-    load_records,
     prompt_for,
     quality_grade_for,
-    render,
     sample_record,
 )
-from rewards.ratings import CS787_COLUMNS
+from generators.phantom_dataset import load_records
+from generators.phantom_render import render
+from rewards.sheet import CS787_COLUMNS
 from runfiles import atomic_path, commit_folder
 
 #: expert_level of every simulated rating.

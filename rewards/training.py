@@ -68,7 +68,8 @@ from rewards.models import (
     vision_input_size,
 )
 from rewards.ood import fit_ood_guard, selector_features
-from rewards.ratings import ASPECT_MAX, latest_per_rater, read_ratings
+from rewards.ratings import latest_per_rater, read_ratings
+from rewards.sheet import ASPECT_MAX
 from runfiles import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)

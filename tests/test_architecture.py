@@ -17,9 +17,53 @@ MAY_IMPORT = {
     "medrl": set(PACKAGES) - {"medrl"},
 }
 #: eval uses generators' image, dataset and phantom types only
-EVAL_USES = {"generators", "generators.images", "generators.datasets", "generators.phantom"}
-#: issue 12's redesign removes these; any other circle fails
-KNOWN_CIRCLES = [{"rewards.ratings", "rewards.rounds"}]
+EVAL_USES = {
+    "generators",
+    "generators.images",
+    "generators.datasets",
+    "generators.phantom",
+    "generators.phantom_render",
+}
+#: issue 12's limits: a file of at most 500 lines, a function of at most 80
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 500, 80
+#: what is still over them (the redesign's debt, docs/architecture.md), at today's size:
+#: an entry may shrink or go, never grow, and nothing new may join it
+LONG_FILES = {
+    "generators/datasets.py": 620,
+    "generators/finetune.py": 692,
+    "rewards/models.py": 661,
+    "rewards/ratings.py": 727,
+    "rewards/training.py": 904,
+    "rewards/workbench/store.py": 620,
+    "eval/evaluate.py": 843,
+    "eval/report.py": 902,
+    "medrl/cli.py": 918,
+}
+LONG_FUNCTIONS = {
+    "generators/converters.py:convert_labels": 98,
+    "generators/datasets.py:ingest_csv": 119,
+    "generators/finetune.py:train_vae": 139,
+    "generators/finetune.py:finetune": 171,
+    "generators/fundus_measure.py:measure": 85,
+    "rewards/contrastive.py:pretrain_towers": 92,
+    "rewards/pools.py:write_generated_pool": 210,
+    "rewards/ratings.py:ingest_ratings": 100,
+    "rewards/rounds.py:export_round": 120,
+    "rewards/training.py:fit": 87,
+    "rewards/training.py:_train_one_objective": 91,
+    "rewards/training.py:train_rewards": 151,
+    "rewards/workbench/app.py:create_app": 86,
+    "rl/samplers.py:draw_samples": 103,
+    "eval/evaluate.py:find_samples": 85,
+    "eval/evaluate.py:evaluate": 355,
+    "eval/example.py:write_example": 81,
+    "eval/privacy.py:privacy_report": 114,
+    "eval/report.py:svg_line_chart": 89,
+    "cluster/driver.py:run_rl": 86,
+    "cluster/tune.py:run_tune": 140,
+    "medrl/cli.py:build_parser": 354,
+    "medrl/demo.py:run_demo": 85,
+}
 
 
 def modules() -> dict[str, Path]:
@@ -100,8 +144,37 @@ def test_packages_import_only_downwards():
 
 
 def test_no_new_import_circles():
-    found = circles(graph())
-    assert sorted(map(sorted, found)) == sorted(map(sorted, KNOWN_CIRCLES))
+    assert circles(graph()) == []
+
+
+def sizes() -> tuple[dict[str, int], dict[str, int]]:
+    """Lines of every file over MAX_FILE_LINES and every function over MAX_FUNCTION_LINES."""
+    files, functions = {}, {}
+    for path in modules().values():
+        rel = str(path.relative_to(ROOT))
+        text = path.read_text(encoding="utf-8")
+        if len(text.splitlines()) > MAX_FILE_LINES:
+            files[rel] = len(text.splitlines())
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    functions[f"{rel}:{node.name}"] = lines
+    return files, functions
+
+
+def test_long_files_and_functions_only_shrink():
+    files, functions = sizes()
+    grown = [
+        f"{name}: {n} lines (limit {known.get(name, limit)})"
+        for found, known, limit in (
+            (files, LONG_FILES, MAX_FILE_LINES),
+            (functions, LONG_FUNCTIONS, MAX_FUNCTION_LINES),
+        )
+        for name, n in sorted(found.items())
+        if n > known.get(name, limit)
+    ]
+    assert not grown, "split these by job (docs/architecture.md):\n" + "\n".join(grown)
 
 
 def test_the_checks_catch_what_they_look_for():

@@ -23,7 +23,7 @@ from generators.datasets import ingest_csv, read_manifest
 from generators.finetune import ImageTextData, finetune, reconstruction_psnr
 from generators.images import to_uint8
 from generators.model import build_generator, load_generator
-from generators.phantom import write_demo_dataset
+from generators.phantom_dataset import write_demo_dataset
 from generators.sampling import sample
 from medrl.config import load_config, to_dict
 from medrl.demo_weights import from_scratch

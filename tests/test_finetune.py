@@ -120,7 +120,8 @@ def test_fine_tuning_result_is_where_generate_and_rl_start(disc_dataset, tmp_pat
     from generators.sampling import sample
     from medrl.config import load_config
     from rewards.pools import load_checkpoint_generator
-    from rl.loop import resolve_inputs, run_local
+    from rl.inputs import resolve_inputs
+    from rl.loop import run_local
 
     runs = tmp_path / "runs"
     extra = (
@@ -208,7 +209,7 @@ def test_a_run_whose_adapter_is_not_merged_is_refused_by_rl_and_applied_by_gener
     """Runs fine-tuned in LoRA mode by an older medrl: generator/ is the bare base."""
     from generators.finetune import load_run_generator
     from medrl.config import load_config
-    from rl.loop import resolve_inputs
+    from rl.inputs import resolve_inputs
 
     runs = tmp_path / "runs"
     assert main(_args(disc_dataset, runs, "old", "finetune.mode=lora", "finetune.steps=2")) == 0

@@ -10,22 +10,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generators import phantom
+from generators import phantom, phantom_dataset
 from generators.fundus_measure import measure
 from generators.phantom import (
-    CSV_COLUMNS,
     DR_GRADE_NAMES,
     LAYER_NAMES,
     Lesion,
     PhantomRecord,
-    load_records,
     prompt_for,
     quality_grade_for,
-    render,
-    render_layers,
     sample_record,
-    write_demo_dataset,
 )
+from generators.phantom_dataset import CSV_COLUMNS, load_records, write_demo_dataset
+from generators.phantom_render import render, render_layers
 
 
 def _records(n: int, seed: int = 0, **kw) -> list[PhantomRecord]:
@@ -357,7 +354,7 @@ def test_write_demo_dataset_is_deterministic(tmp_path):
 
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_render = phantom.render
+    real_render = phantom_dataset.render
 
     def failing_render(record, size):
         calls["n"] += 1
@@ -365,7 +362,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated interruption")
         return real_render(record, size)
 
-    monkeypatch.setattr(phantom, "render", failing_render)
+    monkeypatch.setattr(phantom_dataset, "render", failing_render)
     with pytest.raises(KeyboardInterrupt):
         write_demo_dataset(tmp_path / "demo", count=6, size=32)
     assert list(tmp_path.iterdir()) == []

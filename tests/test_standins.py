@@ -115,7 +115,7 @@ def test_the_gpu_preset_runs_end_to_end_on_the_standins(
     from generators.finetune import load_run_generator
     from generators.lora import attach_lora, set_adapter_state
     from generators.model import Generator, load_generator
-    from generators.phantom import write_demo_dataset
+    from generators.phantom_dataset import write_demo_dataset
     from generators.sampling import sample
     from medrl.cli import main
     from medrl.config import load_config

@@ -38,7 +38,8 @@ def test_scorer_takes_the_penalty_off_images_unlike_the_rated_pool(tmp_path):
     """A scorer with the guard: phantoms (the pool's kind) keep their reward, a flat orange
     square (what the demo's hacked adapters drew) loses rewards.ood_weight of it."""
     from generators.images import to_tensor
-    from generators.phantom import render, sample_record
+    from generators.phantom import sample_record
+    from generators.phantom_render import render
     from rewards.models import build_alignment, build_selector, save_reward_model
     from rewards.scorers import RewardModelScorer
     from tests.rewards.conftest import tiny_rewards_cfg

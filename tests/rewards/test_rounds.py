@@ -33,7 +33,7 @@ def build_tiny_run(root: Path, checkpoints: int = 2) -> Path:
     from generators.datasets import ingest_csv
     from generators.lora import attach_lora, save_adapter
     from generators.model import build_generator
-    from generators.phantom import write_demo_dataset
+    from generators.phantom_dataset import write_demo_dataset
     from medrl.config import load_config
 
     cfg = load_config(None, ["model.resolution=32"])

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from generators.phantom import PhantomRecord, render, sample_record
+from generators.phantom import PhantomRecord, sample_record
+from generators.phantom_render import render
 from rewards.ratings import ingest_ratings, read_ratings
 from rewards.simulated import (
     SIMULATED_LEVEL,

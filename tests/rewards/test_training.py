@@ -270,7 +270,7 @@ def test_train_rewards_names_missing_images(tmp_path, rating_pool):
 
 def test_train_rewards_pretrains_the_alignment_towers_on_a_manifest(tmp_path, rating_pool):
     from generators.datasets import ingest_csv
-    from generators.phantom import write_demo_dataset
+    from generators.phantom_dataset import write_demo_dataset
 
     pool, csv = rating_pool
     write_demo_dataset(tmp_path / "data", count=16, size=32, seed=1)
@@ -300,7 +300,7 @@ def test_pretrain_cache_reproduces_the_pretrained_towers(tmp_path, rating_pool):
     from safetensors.torch import load_file
 
     from generators.datasets import ingest_csv
-    from generators.phantom import write_demo_dataset
+    from generators.phantom_dataset import write_demo_dataset
 
     pool, csv = rating_pool
     write_demo_dataset(tmp_path / "data", count=16, size=32, seed=1)

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from generators.phantom import prompt_for, render, sample_record
-from rewards.ratings import COLUMNS
+from generators.phantom import prompt_for, sample_record
+from generators.phantom_render import render
+from rewards.sheet import COLUMNS
 
 
 def make_round(root: Path, n: int = 12, name: str = "round-1", size: int = 64) -> Path:

@@ -10,7 +10,8 @@ import torch
 
 from eval.overoptimisation import format_version_table, proxy_gold_verdict, version_table
 from generators.images import to_tensor, to_uint8
-from generators.phantom import render, sample_record
+from generators.phantom import sample_record
+from generators.phantom_render import render
 from rl.gold import SimulatedGold, make_gold_judge, selection_score
 
 
@@ -122,7 +123,7 @@ def test_selection_score_prefers_gold():
 def test_best_adapter_keeps_the_best_version_across_a_resume(tmp_path):
     from peft import LoraConfig
 
-    from rl.loop import BestAdapter
+    from rl.checkpoints import BestAdapter
 
     peft_cfg = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"])
     state = {"down.lora_A.weight": torch.ones(2, 4), "down.lora_B.weight": torch.zeros(4, 2)}
@@ -143,7 +144,7 @@ def test_best_adapter_keeps_the_best_version_across_a_resume(tmp_path):
 def test_best_adapter_skips_versions_that_left_the_real_images(tmp_path):
     from peft import LoraConfig
 
-    from rl.loop import BestAdapter
+    from rl.checkpoints import BestAdapter
 
     peft_cfg = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"])
     state = {"down.lora_A.weight": torch.ones(2, 4), "down.lora_B.weight": torch.zeros(4, 2)}

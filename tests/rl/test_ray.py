@@ -154,7 +154,9 @@ def test_sampler_killed_mid_iteration_is_restarted_and_nothing_is_lost(
     reference, _ = draw_samples(samplers, requests, 1, ref, chunk=2)
     assert reference.versions == [1] * 16
     local = local_sampler.sample(requests[:4], 1, [adapters[1]])
-    torch.testing.assert_close(reference.images[:4], local.images, rtol=0, atol=1e-5)
+    # another process with another thread count: float sums differ in the last bits (a run
+    # with OMP_NUM_THREADS=1 in the test process measured 1.1e-5)
+    torch.testing.assert_close(reference.images[:4], local.images, rtol=0, atol=1e-4)
 
     traj, meta, seen, killed = _kill_during_draw(ray_local, samplers, requests, 1, ref, 2)
     _check_killed_draw(ray_local, samplers, reference, requests, traj, seen, killed)
@@ -240,7 +242,8 @@ def test_rl_train_on_ray_two_ranks_with_different_data_end_with_identical_adapte
     from generators.lora import get_adapter_state, load_adapter_into
     from generators.model import load_generator
     from medrl.cli import main
-    from rl.loop import adapter_digest, read_rl_records
+    from rl.checkpoints import adapter_digest
+    from rl.records import read_rl_records
 
     args = [
         "rl",
@@ -347,20 +350,20 @@ def test_driver_env_leaves_out_what_the_jobs_runtime_env_sets(monkeypatch):
     runtime env sets too (cluster/runtime_env.yaml sets HF_HUB_OFFLINE)."""
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
-    from rl.loop import _env_for_job
+    from cluster.driver import env_for_job
 
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
-    assert _env_for_job(env) == env
+    assert env_for_job(env) == env
     job = {"runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "0", "OMP_NUM_THREADS": "4"}}}
     monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps(job))
-    assert _env_for_job(env) == {"TOKENIZERS_PARALLELISM": "false"}
+    assert env_for_job(env) == {"TOKENIZERS_PARALLELISM": "false"}
 
 
 def test_ray_init_joins_a_job_cluster_or_starts_a_local_one_on_localhost(monkeypatch, tmp_path):
     import ray
 
-    from rl import loop
+    from cluster import driver
 
     calls: list[dict] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -369,22 +372,22 @@ def test_ray_init_joins_a_job_cluster_or_starts_a_local_one_on_localhost(monkeyp
 
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # a Jobs API address
     with pytest.raises(ValueError, match="medrl submit"):
-        loop._ray_init(cfg)
+        driver.ray_init(cfg)
     assert not calls
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # what Ray sets inside a job
-    assert loop._ray_init(cfg) is True
+    assert driver.ray_init(cfg) is True
     assert calls[-1]["address"] == "127.0.0.1:6379" and "num_cpus" not in calls[-1]
 
     monkeypatch.delenv("RAY_ADDRESS")
-    monkeypatch.delenv(loop.DASHBOARD_ENV, raising=False)
-    assert loop._ray_init(cfg) is True
+    monkeypatch.delenv(driver.DASHBOARD_ENV, raising=False)
+    assert driver.ray_init(cfg) is True
     local = calls[-1]
     assert "address" not in local
     assert local["include_dashboard"] is True and local["dashboard_host"] == "127.0.0.1"
     assert local["num_cpus"] >= cfg.rl.num_samplers + cfg.rl.learner_workers + 1
     if not torch.cuda.is_available():
         assert local["runtime_env"]["env_vars"]["DS_ACCELERATOR"] == "cpu"
-    monkeypatch.setenv(loop.DASHBOARD_ENV, "0")
-    loop._ray_init(cfg)
+    monkeypatch.setenv(driver.DASHBOARD_ENV, "0")
+    driver.ray_init(cfg)
     assert calls[-1]["include_dashboard"] is False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from rl.loop import eval_curve, finite
+from rl.records import eval_curve, finite
 
 
 def test_eval_curve_by_version_latest_record_wins_and_skips_missing():

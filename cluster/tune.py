@@ -2,7 +2,7 @@
 
 Each Tune trial runs a small driver function (:func:`_trial`) that builds the trial's
 config (the base preset plus the sampled values as dotted overrides, validated like any
-command line), then launches the RL loop (:func:`rl.loop.run_rl`: samplers, reward
+command line), then launches the RL loop (:func:`cluster.driver.run_rl`: samplers, reward
 service, a ``TorchTrainer``). The trainer's per-iteration reports reach Tune through
 ``ray.tune.integration.ray_train.TuneReportCallback``, so ASHA can stop weak trials
 after any iteration. Every trial improves the same base generator with the same reward
@@ -102,7 +102,7 @@ def _trial(
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from rl.loop import run_rl
+    from cluster.driver import run_rl
 
     trial_id = tune.get_context().get_trial_id()
     values = config["params"]
@@ -140,7 +140,8 @@ def run_tune(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from rl.loop import _ray_init, finite
+    from cluster.driver import ray_init
+    from rl.records import finite
     from runfiles import atomic_write_text
     from runfiles.config import to_dict
 
@@ -151,7 +152,7 @@ def run_tune(
     base = [*base_overrides, *(_override(k, v) for k, v in fixed_inputs.items())]
     # trials keep the driver's working directory (paths in the config stay valid)
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    started = _ray_init(cfg)
+    started = ray_init(cfg)
     try:
         if tc.scheduler == "asha":
             # iterations report 0..n-1 and the final evaluation n: max_t above n, so that

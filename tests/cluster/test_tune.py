@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rl.tune import parse_space, to_tune_space
+from cluster.tune import parse_space, to_tune_space
 
 
 def test_space_parses_every_distribution():
@@ -77,7 +77,7 @@ def test_medrl_tune_runs_trials_on_ray_and_writes_results_and_the_best_preset(
 
     from medrl.cli import main
     from medrl.config import load_config
-    from rl.loop import eval_curve, read_rl_records
+    from rl.records import eval_curve, read_rl_records
     from tests.rl.conftest import PROMPTS, RL_OVERRIDES
 
     # the dashboard serves the State API, through which Ray Train's placement group

@@ -1,0 +1,167 @@
+"""What an RL run keeps on disk: checkpoints (collective, committed through runfiles, then
+the ``latest`` pointer), the best adapter so far (``rl/best``), the exported adapter
+(``rl/adapter``) and each rank's end record (``rl/ranks``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rl.gold import selection_score
+from rl.learner import Learner, save_rng_state
+from rl.records import finite
+from runfiles import atomic_write_text, commit_folder, prune_checkpoints, read_latest, write_latest
+
+# ``cfg`` is medrl's composed RunConfig (``run``, ``data``, ``lora``, ``sampling``,
+# ``rewards``, ``rl`` sections), typed ``Any``: rl does not import medrl.
+log = logging.getLogger(__name__)
+
+
+RL_DIR = "rl"
+#: ``runs/<name>/rl/best``: the adapter version with the best held-out score (rl.select_by)
+BEST_DIR = "best"
+#: ``runs/<name>/rl/eval/version-NNNN.png``: the evaluation images of each adapter version
+EVAL_DIR = "eval"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def latest_rl_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint ``ckpt_root/latest`` names (validated: runfiles.read_latest)."""
+    return read_latest(ckpt_root)
+
+
+def broadcast(obj: Any, src: int = 0) -> Any:
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def commit_rl_checkpoint(
+    learner: Learner, ckpt_root: Path, done: int, state: dict[str, Any], keep: int
+) -> Path:
+    """Collective. Every rank writes its engine state into a temporary directory; rank 0
+    adds adapter, state and RNG, commits it into place (runfiles), then writes ``latest``, then
+    deletes checkpoints beyond ``keep`` (oldest first)."""
+    import torch.distributed as dist
+
+    from generators.lora import save_adapter
+
+    name = f"step-{done:06d}"
+    final = ckpt_root / name
+    tmp = None
+    if learner.rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}.")
+    tmp = Path(broadcast(tmp))
+    try:
+        learner.save(tmp)
+        dist.barrier()
+        with learner.gathered():  # collective under ZeRO-3: every rank enters, rank 0 writes
+            if learner.rank == 0:
+                save_adapter(learner.engine.module, tmp / "adapter", formats=("diffusers",))
+        if learner.rank == 0:
+            save_rng_state(tmp / "rng.json")
+            (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
+            commit_folder(tmp, final)
+            write_latest(ckpt_root, name)
+    except BaseException:
+        if learner.rank == 0:  # a failed save leaves no temporary folder behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if learner.rank == 0:
+        prune_checkpoints(ckpt_root, keep)
+    dist.barrier()
+    return final
+
+
+class BestAdapter:
+    """``rl/best``: the adapter version whose held-out score is the best so far.
+
+    The score is ``gold_combined`` (``rl.select_by=gold`` and a gold judge) or the proxy
+    ``eval_reward``; ties keep the earlier version. A version whose ``fd_real`` exceeds
+    version 0's by more than ``max_fd_increase`` (it drew away from the real images) is
+    not eligible. The version, score and version 0's ``fd_real`` are in its
+    ``adapter_config.json``, which a resumed run reads back, so the choice spans
+    invocations.
+    """
+
+    def __init__(self, out: Path, select_by: str, peft_config: Any, max_fd_increase: float):
+        self.out, self.select_by, self.peft_config = Path(out), select_by, peft_config
+        self.max_fd_increase = float(max_fd_increase)
+        self.score, self.version, self.base_fd = -math.inf, None, None
+        meta = self.out / "adapter_config.json"
+        if meta.is_file():
+            saved = json.loads(meta.read_text())
+            self.score, self.version = float(saved["score"]), int(saved["version"])
+            self.base_fd = saved.get("base_fd_real")
+
+    def eligible(self, record: dict[str, Any]) -> bool:
+        fd = record.get("fd_real")
+        if not finite(fd) or not finite(self.base_fd) or self.base_fd <= 0:
+            return True
+        return fd <= self.base_fd * (1.0 + self.max_fd_increase)
+
+    def offer(self, version: int, record: dict[str, Any], adapter: dict[str, torch.Tensor]):
+        from generators.lora import save_adapter_state
+
+        if version == 0 and finite(record.get("fd_real")):
+            self.base_fd = float(record["fd_real"])
+        score = selection_score(record, self.select_by)
+        if not math.isfinite(score) or score <= self.score or not self.eligible(record):
+            return
+        selected_by = "gold_combined" if "gold_combined" in record and (
+            self.select_by == "gold") else "eval_reward"  # fmt: skip
+        extra = {
+            "version": version,
+            "score": score,
+            "selected_by": selected_by,
+            "base_fd_real": self.base_fd,
+        }
+        save_adapter_state(adapter, self.peft_config, self.out, extra=extra)
+        self.score, self.version = score, version
+
+
+def adapter_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of an adapter's weights (keys sorted, float32 bytes): equal iff bitwise equal."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_rank_record(run_dir: Path, learner: Learner, record: dict[str, Any]) -> Path:
+    """``rl/ranks/rank-NNN.json``: what this rank ended with (adapter hash, the sample ids
+    it trained on in this invocation). Ranks of one engine must end with equal hashes."""
+    out = run_dir / RL_DIR / "ranks" / f"rank-{learner.rank:03d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps({"rank": learner.rank, "world": learner.world, **record}))
+    return out
+
+
+def export_adapter(learner: Learner, run_dir: Path, cfg: Any) -> Path:
+    from generators.lora import save_adapter
+
+    out = run_dir / RL_DIR / "adapter"
+    with learner.gathered():  # collective under ZeRO-3: every rank enters, rank 0 writes
+        if learner.rank == 0:
+            save_adapter(
+                learner.engine.module,
+                out,
+                extra={"iterations": cfg.rl.iterations, "run": cfg.run.name},
+            )
+            log.info("RL adapter written to %s", out)
+    return out
