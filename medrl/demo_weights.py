@@ -29,7 +29,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 
 from medrl.config import RunConfig, load_config, to_dict
-from runfiles import commit_folder
+from runfiles import staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +158,7 @@ def make_demo_base(
     measured = measure_reconstructions(gen, x, prompts)
     recon = measured.pop("reconstructions")
 
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with staged_folder(out) as tmp:  # the previous weights stay until the new ones are in place
         shutil.copytree(result.generator_dir, tmp, dirs_exist_ok=True)
         k = min(len(x), 8)
         save_png(make_grid(list(to_uint8(x[:k])) + list(to_uint8(recon[:k])), ncols=k),
@@ -195,10 +193,6 @@ def make_demo_base(
         }
         (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")
         os.chmod(tmp, 0o755)
-        commit_folder(tmp, out)  # the previous weights stay until the new ones are in place
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if not keep_run:
         shutil.rmtree(run_dir, ignore_errors=True)
     return card

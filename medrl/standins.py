@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from runfiles import commit_folder
+from runfiles import require_empty_folder, staged_folder
 
 SD_DIR = "stable-diffusion-v1-5"
 BERT_DIR = "BiomedBERT"
@@ -199,21 +197,11 @@ def _write_vit(out: Path, seed: int) -> None:
 def make_standins(out: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
     """Write the three stand-in folders under ``out`` (atomically: a temporary directory,
     then renamed). Returns their paths by name (``sd``, ``bert``, ``vit``)."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    out = require_empty_folder(out)
+    with staged_folder(out) as tmp:
         _write_sd(tmp / SD_DIR, seed)
         _write_bert(tmp / BERT_DIR, seed + 1)
         _write_vit(tmp / VIT_DIR, seed + 2)
-        if out.exists():
-            out.rmdir()
-        commit_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"sd": out / SD_DIR, "bert": out / BERT_DIR, "vit": out / VIT_DIR}
 
 

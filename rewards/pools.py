@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +34,7 @@ import torch
 
 import runfiles
 from generators.phantom import PhantomRecord
-from runfiles import commit_folder
+from runfiles import require_empty_folder, staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +179,7 @@ def write_generated_pool(
             f"{run_dir / 'checkpoints'}: no checkpoint(s) {', '.join(unknown)}; "
             f"there are: {', '.join(sorted(available)) or 'none'}"
         )
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out}: exists and is not an empty directory")
+    out = require_empty_folder(out)
 
     table = read_manifest(manifest)
     records = _records_by_path(Path(table.attrs["medrl"]["root"]))
@@ -202,11 +198,9 @@ def write_generated_pool(
     recon_rows = order[::-1][: min(reconstructions, len(table))]
 
     dev = resolve_device(device)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     entries: list[dict[str, Any]] = []  # one per image: path, prompt, record, what it is
     timings: dict[str, float] = {}
-    try:
+    with staged_folder(out) as tmp:
         final = None
         t0 = time.perf_counter()
         for name in [*checkpoints, FINAL]:
@@ -312,12 +306,6 @@ def write_generated_pool(
         (tmp / "pool.json").write_text(
             json.dumps({"images": counts, "pairs": len(lines), "timings": timings}, indent=1)
         )
-        if out.exists():
-            out.rmdir()
-        commit_folder(tmp, out)  # fsynced; out was empty (removed above)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(
         "generated rating pool %s: %s images, %d rated pairs (%s)",
         out,

@@ -23,8 +23,6 @@ import csv
 import json
 import os
 import secrets
-import shutil
-import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from generators.datasets import RowProblem
-from runfiles import commit_folder
+from runfiles import require_empty_folder, staged_folder
 
 SHEET_FILE = "sheet.csv"
 KEY_FILE = ".key.json"
@@ -161,14 +159,10 @@ def export_round(
         if a and not Path(a).exists():
             raise FileNotFoundError(f"{a}: no such adapter")
     generator_dir = Path(generator_dir)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out}: exists and is not an empty directory (a round is kept)")
+    out = require_empty_folder(out, " (a round is kept)")
     rng = np.random.default_rng([seed, 11])
     jobs = [(p, int(s)) for p in prompts for s in rng.integers(0, 2**31 - 1, size=per_prompt)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         dev = resolve_device(device)
         entries: list[dict[str, Any]] = []
         for adapter in adapters:
@@ -224,12 +218,6 @@ def export_round(
             "images": {e.pop("path"): e for e in entries},
         }
         (tmp / KEY_FILE).write_text(json.dumps(key, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        commit_folder(tmp, out)  # fsynced; out was empty (removed above)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / SHEET_FILE
 
 

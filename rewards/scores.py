@@ -217,10 +217,10 @@ def as_image(image: Any) -> torch.Tensor:
     return x.clamp(-1.0, 1.0)
 
 
-def validate_batch(
+def split_call(
     images: Any, prompts: Sequence[str], ids: Sequence[str]
-) -> tuple[ValidBatch, dict[str, str]]:
-    """Split a call into the valid samples and per-id error messages.
+) -> tuple[list[str], list[Any], list[Any], Counter[str]]:
+    """A call's ids, prompts and per-sample images as lists, and how often each id occurs.
 
     Raises ValueError only for what cannot be attributed to a sample: lengths that differ,
     an id that is not a non-empty string, images that are neither a batch nor a sequence.
@@ -229,17 +229,26 @@ def validate_batch(
     prompts = as_list(prompts, "prompts")
     if len(prompts) != len(ids):
         raise ValueError(f"{len(prompts)} prompts but {len(ids)} ids")
-    items = split_images(images, len(ids))
-    counts = Counter(ids)
+    return ids, prompts, split_images(images, len(ids)), Counter(ids)
+
+
+def duplicate_id(sid: str, count: int) -> str:
+    """The problem of an id given more than once in one call."""
+    return (
+        f"id given {count} times in one call (ids must be unique; no sample with this id is scored)"
+    )
+
+
+def validate_batch(
+    images: Any, prompts: Sequence[str], ids: Sequence[str]
+) -> tuple[ValidBatch, dict[str, str]]:
+    """Split a call into the valid samples and per-id error messages (the call's own
+    problems raise ValueError: :func:`split_call`)."""
+    ids, prompts, items, counts = split_call(images, prompts, ids)
     valid = ValidBatch([], [], [])
     errors: dict[str, str] = {}
     for sid, prompt, image in zip(ids, prompts, items, strict=True):
-        problems = []
-        if counts[sid] > 1:
-            problems.append(
-                f"id given {counts[sid]} times in one call (ids must be unique; no sample "
-                "with this id is scored)"
-            )
+        problems = [duplicate_id(sid, counts[sid])] if counts[sid] > 1 else []
         if not isinstance(prompt, str):
             problems.append(f"prompt is a {type(prompt).__name__}, not a string")
         elif not prompt.strip():

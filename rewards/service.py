@@ -14,7 +14,6 @@ import math
 import os
 import socket
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 from generators.model import resolve_device
 from rewards.config import RewardsConfig
 from rewards.scorers import build_reward, parse_spec, rewards_config
-from rewards.scores import Reward, ScoreResult, as_list, check_ids, split_images
+from rewards.scores import Reward, ScoreResult, duplicate_id, split_call
 
 log = logging.getLogger(__name__)
 
@@ -167,18 +166,8 @@ def score_with_services(
         raise ValueError("no reward service replicas to score with")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ids = check_ids(ids)
-    prompts = as_list(prompts, "prompts")
-    if len(prompts) != len(ids):
-        raise ValueError(f"{len(prompts)} prompts but {len(ids)} ids")
-    items = split_images(images, len(ids))
-    counts = Counter(ids)
-    errors = {
-        sid: f"sample {sid!r}: id given {n} times in one call (ids must be unique; no sample "
-        "with this id is scored)"
-        for sid, n in counts.items()
-        if n > 1
-    }
+    ids, prompts, items, counts = split_call(images, prompts, ids)
+    errors = {sid: f"sample {sid!r}: {duplicate_id(sid, n)}" for sid, n in counts.items() if n > 1}
     keep = [i for i, sid in enumerate(ids) if counts[sid] == 1]
     size = batch_size or max(1, math.ceil(len(keep) / len(handles)))
     refs = []

@@ -31,8 +31,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -59,7 +57,7 @@ from generators.phantom import (
 from generators.phantom_dataset import load_records
 from generators.phantom_render import render
 from rewards.sheet import CS787_COLUMNS
-from runfiles import atomic_path, commit_folder
+from runfiles import atomic_path, require_empty_folder, staged_folder
 
 #: expert_level of every simulated rating.
 SIMULATED_LEVEL = "simulated"
@@ -451,12 +449,8 @@ def write_demo_pool(
             f"write_demo_pool: bad parameters count={count} size={size} "
             f"mismatch_fraction={mismatch_fraction}"
         )
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out}: exists and is not an empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    out = require_empty_folder(out)
+    with staged_folder(out) as tmp:
         rng = np.random.default_rng([seed, 787])
         lines = []
         for i in tqdm(range(count), desc=f"demo rating pool {size}px", unit="img", mininterval=1.0):
@@ -472,10 +466,4 @@ def write_demo_pool(
                 lines.append(json.dumps({**entry, "record": record.to_dict()}))
         (tmp / POOL_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
         simulate_ratings(tmp, tmp / "ratings.csv", raters=raters, noise=noise, seed=seed)
-        if out.exists():
-            out.rmdir()
-        commit_folder(tmp, out)  # fsynced; out was empty (removed above)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / "ratings.csv"

@@ -24,6 +24,7 @@ from runfiles.files import (
     prune_checkpoints,
     read_latest,
     recover_folder,
+    require_empty_folder,
     staged_folder,
     write_latest,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "prune_checkpoints",
     "read_latest",
     "recover_folder",
+    "require_empty_folder",
     "staged_folder",
     "write_latest",
 ]

@@ -159,6 +159,15 @@ def recover_folder(dest: str | os.PathLike) -> bool:
     return True
 
 
+def require_empty_folder(dest: str | os.PathLike, note: str = "") -> Path:
+    """``dest`` as a Path, if it does not exist or is an empty folder (a folder written
+    once, such as a rating round, is never replaced); FileExistsError otherwise."""
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise FileExistsError(f"{dest}: exists and is not an empty directory{note}")
+    return dest
+
+
 @contextmanager
 def staged_folder(dest: str | os.PathLike) -> Iterator[Path]:
     """A temporary folder beside ``dest`` to fill; committed to ``dest`` by

@@ -101,7 +101,7 @@ def test_standins_have_the_hub_layout_and_load_as_real_weights_do(standins, caps
 
     capsys.readouterr()
     assert main(["dev", "make-standins", str(standins)]) == 2
-    assert "exists and is not empty" in capsys.readouterr().err
+    assert "exists and is not an empty directory" in capsys.readouterr().err
 
 
 @pytest.mark.slow
