@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from generators.config import MODALITIES, SPLITS
 from generators.images import ImageDecodeError, center_square, load_image, resize, to_tensor
-from runfiles import atomic_path
+from runfiles import atomic_path, check_format
 
 log = logging.getLogger(__name__)
 
@@ -550,13 +550,8 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: manifest metadata is not JSON ({exc})") from exc
-    if meta.get("format") != MANIFEST_FORMAT or not isinstance(meta.get("version"), int):
-        raise ValueError(f"{path}: not a medrl manifest (metadata {meta!r})")
-    if meta["version"] > MANIFEST_VERSION:
-        raise ValueError(
-            f"{path}: manifest format version {meta['version']} is newer than this medrl "
-            f"reads ({MANIFEST_VERSION}); upgrade medrl or re-ingest"
-        )
+    check_format(meta, MANIFEST_FORMAT, MANIFEST_VERSION, str(path), "manifest",
+                 "upgrade medrl or re-ingest")  # fmt: skip
     missing = [n for n in MANIFEST_SCHEMA.names if n not in table.column_names]
     if missing:
         raise ValueError(f"{path}: manifest lacks columns {', '.join(missing)}; re-ingest")

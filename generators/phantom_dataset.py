@@ -17,22 +17,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from generators.datasets import COLUMNS
 from generators.images import make_grid, save_png
 from generators.phantom import DR_GRADE_PROBS, PHANTOM_VERSION, PhantomRecord, sample_record
 from generators.phantom_render import render
 from runfiles import commit_folder
 
-#: the columns of the dataset's data.csv
-CSV_COLUMNS = (
-    "path",
-    "Text",
-    "modality",
-    "split",
-    "source_dataset",
-    "label",
-    "laterality",
-    "patient_id",
-)
+#: the dataset's data.csv columns: those of medrl's data CSV
+CSV_COLUMNS = COLUMNS
 #: the dataset's parameters (count, size, seed, version): a folder made with others is redone
 PARAMS_FILE = "phantom.json"
 

@@ -55,7 +55,7 @@ from generators.config import TextEncoderConfig
 from generators.images import resize, to_tensor
 from generators.model import build_text_encoder, build_tokenizer
 from rewards.config import RewardsConfig, VisionConfig
-from runfiles import staged_folder
+from runfiles import check_format, staged_folder
 
 CHECKPOINT_FORMAT = "medrl-reward-model"
 CHECKPOINT_VERSION = 1
@@ -540,13 +540,8 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{meta_path}: not JSON ({exc})") from exc
-    if meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("version"), int):
-        raise ValueError(f"{meta_path}: not a medrl reward model checkpoint")
-    if meta["version"] > CHECKPOINT_VERSION:
-        raise ValueError(
-            f"{meta_path}: checkpoint version {meta['version']} is newer than this medrl "
-            f"reads ({CHECKPOINT_VERSION})"
-        )
+    check_format(meta, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, str(meta_path),
+                 "reward model checkpoint")  # fmt: skip
     if meta.get("kind") not in ("selector", "alignment"):
         raise ValueError(f"{meta_path}: unknown reward model kind {meta.get('kind')!r}")
     return meta

@@ -159,6 +159,25 @@ def recover_folder(dest: str | os.PathLike) -> bool:
     return True
 
 
+def check_format(
+    meta: Any, fmt: str, version: int, where: str, what: str, advice: str = ""
+) -> dict[str, Any]:
+    """``meta`` (a file's parsed metadata) if it says ``{"format": fmt, "version": v}`` with
+    ``v <= version`` (this medrl reads it); ValueError naming ``where`` otherwise."""
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != fmt
+        or not isinstance(meta.get("version"), int)
+    ):
+        raise ValueError(f"{where}: not a medrl {what} (metadata {meta!r})")
+    if meta["version"] > version:
+        raise ValueError(
+            f"{where}: {what} format version {meta['version']} is newer than this medrl "
+            f"reads ({version}){'; ' + advice if advice else ''}"
+        )
+    return meta
+
+
 def require_empty_folder(dest: str | os.PathLike, note: str = "") -> Path:
     """``dest`` as a Path, if it does not exist or is an empty folder (a folder written
     once, such as a rating round, is never replaced); FileExistsError otherwise."""

@@ -170,3 +170,20 @@ def test_checkpoints_listed_oldest_first_and_pruned(tmp_path: Path):
     prune_checkpoints(tmp_path, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
     assert (tmp_path / ".step-000004.tmp-x").is_dir()  # a commit in progress is not touched
+
+
+def test_check_format_names_the_file_and_refuses_newer_versions():
+    from runfiles import check_format
+
+    meta = {"format": "medrl-x", "version": 2}
+    assert check_format(meta, "medrl-x", 2, "a.json", "thing") is meta
+    with pytest.raises(ValueError, match=r"a\.json: not a medrl thing"):
+        check_format({"format": "other", "version": 1}, "medrl-x", 2, "a.json", "thing")
+    with pytest.raises(ValueError, match=r"a\.json: not a medrl thing"):
+        check_format({"format": "medrl-x", "version": "2"}, "medrl-x", 2, "a.json", "thing")
+    with pytest.raises(
+        ValueError, match=r"version 3 is newer than this medrl reads \(2\); upgrade"
+    ):
+        check_format(
+            {"format": "medrl-x", "version": 3}, "medrl-x", 2, "a.json", "thing", "upgrade"
+        )
