@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 from generators.images import load_image, to_tensor  # noqa: E402
 from medrl.config import load_config  # noqa: E402
-from rewards.models import _pool, build_alignment, pooled_size, prepare_images  # noqa: E402
+from rewards.models import AlignmentPolicy  # noqa: E402
+from rewards.towers import pool_tokens, pooled_size, prepare_images  # noqa: E402
 
 
 def _fit(model, params, logits, target, train, test, epochs, lr, metric, tag: str) -> None:
@@ -90,7 +91,7 @@ def _laterality_probe(model, x, left, train, test, epochs: int, lr: float) -> No
 
     def logits(idx: torch.Tensor) -> torch.Tensor:
         hidden = model.vit(pixel_values=model.stem(x[idx])).last_hidden_state
-        return head(_pool(hidden, model.pooling)).squeeze(-1)
+        return head(pool_tokens(hidden, model.pooling)).squeeze(-1)
 
     params = [*model.vit.parameters(), *head.parameters()]
     _fit(model, params, logits, left, train, test, epochs, lr, accuracy, "laterality (ViT only)")
@@ -133,7 +134,7 @@ def main() -> None:
         records[item["path"]] = item["record"]
     images = sorted(rows.image_path.unique())
     held_out = set(images[::5])
-    size = build_alignment(cfg).image_size
+    size = AlignmentPolicy.from_config(cfg).image_size
 
     paths, prompts = rows.image_path.tolist(), rows.prompt.tolist()
     x = prepare_images(torch.stack([to_tensor(load_image(args.pool / p)) for p in paths]), size)
@@ -142,17 +143,17 @@ def main() -> None:
     test = torch.tensor([i for i, p in enumerate(paths) if p in held_out])
     print(f"{len(rows)} rated pairs of {len(images)} images; {len(test)} held-out pairs")
 
-    model = build_alignment(cfg)
+    model = AlignmentPolicy.from_config(cfg)
     _fused_probe(model, x, prompts, y, train, test, args.epochs, args.lr, "fused")
 
     ximg = prepare_images(torch.stack([to_tensor(load_image(args.pool / p)) for p in images]), size)
     left = torch.tensor([records[p]["laterality"] == "left" for p in images], dtype=torch.float32)
     itrain = torch.tensor([i for i, p in enumerate(images) if p not in held_out])
     itest = torch.tensor([i for i, p in enumerate(images) if p in held_out])
-    model = build_alignment(cfg)
+    model = AlignmentPolicy.from_config(cfg)
     _laterality_probe(model, ximg, left, itrain, itest, args.laterality_epochs, args.lr)
     _fused_probe(model, x, prompts, y, train, test, args.epochs, args.lr, "fused after laterality")
-    _text_probe(build_alignment(cfg), prompts, train, test, args.text_epochs, args.lr)
+    _text_probe(AlignmentPolicy.from_config(cfg), prompts, train, test, args.text_epochs, args.lr)
 
 
 if __name__ == "__main__":

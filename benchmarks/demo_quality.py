@@ -116,9 +116,9 @@ def main() -> None:
     )
     if args.rewards:  # does the alignment reward see the eye on the fine-tuned samples?
         from rewards.contrastive import swap_eye
-        from rewards.models import load_alignment
+        from rewards.models import AlignmentPolicy
 
-        ali = load_alignment(f"{args.rewards}/alignment")
+        ali = AlignmentPolicy.from_pretrained(f"{args.rewards}/alignment")
         imgs = sample(gen, lat_prompts, list(range(len(lat_prompts))), **kw).images
         shown = np.array([m["laterality"] for m in map(measure_at_analysis_size, to_uint8(imgs))])
         with torch.no_grad():

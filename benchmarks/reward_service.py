@@ -26,7 +26,7 @@ import ray
 import torch
 
 from medrl.config import load_config
-from rewards.models import build_alignment, build_selector, save_reward_model
+from rewards.models import AlignmentPolicy, QualitySelector
 from rewards.service import RewardServiceActor
 
 
@@ -57,8 +57,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "rewards"
-        save_reward_model(build_selector(rcfg), models / "selector")
-        save_reward_model(build_alignment(rcfg), models / "alignment")
+        QualitySelector.from_config(rcfg).save_pretrained(models / "selector")
+        AlignmentPolicy.from_config(rcfg).save_pretrained(models / "alignment")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             service = RewardServiceActor.options(num_cpus=1).remote(str(models), rcfg, "cpu")

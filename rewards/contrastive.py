@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 
 from generators.images import load_image, resize, to_tensor
 from rewards.config import RewardsConfig
-from rewards.models import AlignmentPolicy, pooled_size
+from rewards.models import AlignmentPolicy
+from rewards.towers import pooled_size
 
 log = logging.getLogger(__name__)
 

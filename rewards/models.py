@@ -28,7 +28,8 @@ Images are scored independently: the models run in eval mode (no dropout), have 
 batch statistics (LayerNorm only) and attention never crosses images in a batch.
 
 Backbones load from a local directory or hub id (safetensors only) or are built from
-config; :func:`save_reward_model` / :func:`load_reward_model` write and read a
+config (``QualitySelector.from_config(cfg)``, ``AlignmentPolicy.from_config(cfg)``);
+``model.save_pretrained(dir)`` / ``Cls.from_pretrained(dir)`` write and read a
 checkpoint directory (``model.safetensors`` + ``reward_model.json`` [+ ``tokenizer/``])
 that rebuilds the same model with no network access.
 """
@@ -40,7 +41,6 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,9 +52,21 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoTokenizer, ViTConfig, ViTModel
 
 from generators.config import TextEncoderConfig
-from generators.images import resize, to_tensor
 from generators.model import build_text_encoder, build_tokenizer
-from rewards.config import RewardsConfig, VisionConfig
+from rewards.config import RewardsConfig
+from rewards.towers import (
+    BetaPolicyHead,
+    PolicyOutput,
+    ValueHead,
+    build_vit,
+    check_pooling,
+    drop_pooler,
+    image_stem,
+    mlp,
+    pool_tokens,
+    pooled_size,
+    prepare_images,
+)
 from runfiles import check_format, staged_folder
 
 CHECKPOINT_FORMAT = "medrl-reward-model"
@@ -68,201 +80,75 @@ FUSIONS = ("concat", "interaction")
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------- parts
+class RewardModel(nn.Module):
+    """What the selector and the alignment policy share: the diffusers shape of a model.
 
-
-def build_vit(cfg: VisionConfig) -> ViTModel:
-    """A ViT without pooler: ``from_pretrained`` (safetensors) or built from the sizes.
-
-    A built ViT takes 6 channels when ``cfg.use_detail_channels`` (see :class:`DetailChannels`).
-    """
-    if cfg.pretrained:
-        kwargs = {"subfolder": cfg.subfolder} if cfg.subfolder else {}
-        return ViTModel.from_pretrained(
-            cfg.pretrained, use_safetensors=True, add_pooling_layer=False, **kwargs
-        )
-    return ViTModel(
-        ViTConfig(
-            image_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.intermediate_size,
-            num_channels=6 if cfg.use_detail_channels else 3,
-        ),
-        add_pooling_layer=False,
-    )
-
-
-class DetailChannels(nn.Module):
-    """RGB in [-1, 1] -> RGB + 3 local-detail channels |x - blur3x3(x)|, scaled to [-1, 1].
-
-    A fixed, parameter-free input transform for ViTs trained from scratch. A ViT's first
-    operation is linear over each patch, so per-pixel statistics such as sensor noise or
-    the loss of fine detail to blur (which need a nonlinearity per pixel) average out
-    inside the patch; measured on the phantom, a tiny ViT did not learn to detect noise
-    from RGB at all (AUC 0.59 on 1600 images) but does with these channels. Pretrained
-    ViTs have learnt such features and take plain RGB. Each image is transformed on its
-    own (a depthwise 3x3 convolution), so images in a batch stay independent.
+    ``Cls.from_config(rewards_cfg)`` builds one (ViT and text encoder loaded from
+    ``*.pretrained`` or built from sizes, fresh heads); ``model.save_pretrained(dir,
+    **meta)`` writes safetensors weights, the architecture and ``meta`` as JSON (and the
+    tokenizer), committed in one step; ``Cls.from_pretrained(dir, device)`` rebuilds it in
+    eval mode (``RewardModel.from_pretrained`` reads either kind).
     """
 
-    #: |x - blur(x)| >= 2 / GAIN (0.25 in [-1, 1] units) maps to the top of the range (1).
-    GAIN = 8.0
+    kind: Kind
 
-    def __init__(self) -> None:
-        super().__init__()
-        k = torch.tensor([1.0, 2.0, 1.0])
-        kernel = (k[:, None] * k[None, :] / 16.0).expand(3, 1, 3, 3).clone()
-        self.register_buffer("kernel", kernel, persistent=False)
+    @classmethod
+    def from_config(cls, cfg: RewardsConfig) -> RewardModel:
+        raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blurred = F.conv2d(
-            F.pad(x, (1, 1, 1, 1), mode="replicate"), self.kernel.to(x.dtype), groups=3
-        )
-        detail = ((x - blurred).abs() * self.GAIN).clamp(max=2.0) - 1.0
-        return torch.cat([x, detail], dim=1)
+    @classmethod
+    def _from_architecture(cls, arch: dict[str, Any], path: Path) -> RewardModel:
+        raise NotImplementedError
 
+    def architecture(self) -> dict[str, Any]:
+        raise NotImplementedError
 
-POOLINGS = ("mean", "cls", "grid")
+    def save_pretrained(self, out: str | os.PathLike, **meta: Any) -> Path:
+        """Write the model to directory ``out``: safetensors weights + JSON config (+
+        tokenizer). ``meta`` (threshold, training statistics, the rewards config) is
+        stored in the JSON. An existing checkpoint at ``out`` is replaced only after the
+        new one is complete (runfiles.staged_folder)."""
+        out = Path(out)
+        with staged_folder(out) as tmp:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": CHECKPOINT_FORMAT})
+            tokenizer = getattr(self, "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            info = {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "kind": self.kind,
+                "architecture": self.architecture(),
+                **meta,
+            }
+            text = json.dumps(info, indent=2, default=_json_default) + "\n"
+            (tmp / META_FILE).write_text(text)
+        return out
 
-
-def _check_pooling(pooling: str) -> None:
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; allowed: {', '.join(map(repr, POOLINGS))}")
-
-
-def pooled_size(hidden: int, pooling: str) -> int:
-    """Width of the pooled image embedding: D, or 4 D for ``grid``."""
-    _check_pooling(pooling)
-    return 4 * hidden if pooling == "grid" else hidden
-
-
-def _pool(hidden: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(B, 1 + patches, D) final ViT states -> (B, D) or (B, 4 D).
-
-    ``mean``: patch-token mean; ``cls``: the [CLS] token; ``grid``: the patch-token means
-    of the four quadrants (top-left, top-right, bottom-left, bottom-right) side by side,
-    which keeps where a structure lies (which side the optic disc is on: the eye) where a
-    mean over all patches is blind to it until the ViT writes position into its tokens.
-    """
-    _check_pooling(pooling)
-    if pooling == "mean":
-        return hidden[:, 1:].mean(dim=1)
-    if pooling == "cls":
-        return hidden[:, 0]
-    patches = hidden[:, 1:]
-    side = math.isqrt(patches.shape[1])
-    if side * side != patches.shape[1] or side < 2:
-        raise ValueError(
-            f"grid pooling needs a square grid of >= 2x2 patches, got {patches.shape[1]}"
-        )
-    grid = patches.reshape(len(patches), side, side, -1)
-    h = side // 2
-    quads = [grid[:, :h, :h], grid[:, :h, h:], grid[:, h:, :h], grid[:, h:, h:]]
-    return torch.cat([q.mean(dim=(1, 2)) for q in quads], dim=-1)
-
-
-def _image_stem(vit: ViTModel) -> nn.Module:
-    """What turns RGB into the ViT's input: DetailChannels for a 6-channel ViT, else nothing."""
-    channels = int(vit.config.num_channels)
-    if channels == 6:
-        return DetailChannels()
-    if channels == 3:
-        return nn.Identity()
-    raise ValueError(f"ViT takes {channels} channels; reward models feed it 3 (RGB) or 6")
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu"):
+        """Rebuild a saved model (eval mode) from its directory; a directory holding the
+        other kind is a ValueError naming it."""
+        path = Path(path)
+        meta = read_checkpoint_meta(path)
+        kinds = {"selector": QualitySelector, "alignment": AlignmentPolicy}
+        model_cls = kinds[meta["kind"]]
+        if cls is not RewardModel and model_cls is not cls:
+            wanted = "a selector" if cls is QualitySelector else "an alignment policy"
+            raise ValueError(f"{path}: holds a {meta['kind']} model, not {wanted}")
+        model = model_cls._from_architecture(meta["architecture"], path)
+        state = load_file(str(path / WEIGHTS_FILE))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{path / WEIGHTS_FILE}: weights do not fit the stored architecture "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        return model.to(device).eval()
 
 
-def vision_input_size(cfg: VisionConfig) -> int:
-    """The image side the ViT of ``cfg`` takes (a loaded ViT's own, read from its config)."""
-    if cfg.pretrained:
-        kwargs = {"subfolder": cfg.subfolder} if cfg.subfolder else {}
-        return int(ViTConfig.from_pretrained(cfg.pretrained, **kwargs).image_size)
-    return cfg.image_size
-
-
-def _drop_pooler(model: nn.Module) -> nn.Module:
-    """Remove an unused BERT pooler (mean pooling is used), so every weight gets gradients."""
-    if getattr(model, "pooler", None) is not None:
-        model.pooler = None
-    return model
-
-
-def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for width in hidden:
-        layers += [nn.Linear(in_dim, width), nn.GELU()]
-        in_dim = width
-    layers.append(nn.Linear(in_dim, out_dim))
-    return nn.Sequential(*layers)
-
-
-def prepare_images(
-    images: torch.Tensor | np.ndarray | Sequence[np.ndarray], size: int
-) -> torch.Tensor:
-    """uint8 (H, W, 3) arrays or float (B, 3, H, W) in [-1, 1] -> (B, 3, size, size) in [-1, 1].
-
-    [-1, 1] is also what ViT checkpoints normalised with mean = std = 0.5 expect.
-    """
-    if isinstance(images, torch.Tensor):
-        if images.dim() == 3:
-            images = images.unsqueeze(0)
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
-        x = images.float()
-    else:
-        arrays = [images] if isinstance(images, np.ndarray) and images.ndim == 3 else images
-        x = torch.stack([to_tensor(np.asarray(a)) for a in arrays])
-    return resize(x, size)
-
-
-# --------------------------------------------------------------------------- policy output
-
-
-@dataclass
-class PolicyOutput:
-    """Beta parameters (B,), the value estimate (B,) and the features they came from."""
-
-    alpha: torch.Tensor
-    beta: torch.Tensor
-    value: torch.Tensor
-
-    def distribution(self) -> torch.distributions.Beta:
-        return torch.distributions.Beta(self.alpha, self.beta)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        """The score: the policy's mean alpha / (alpha + beta), in (0, 1)."""
-        return self.alpha / (self.alpha + self.beta)
-
-
-class BetaPolicyHead(nn.Module):
-    """Features -> (alpha, beta) = softplus(MLP(features)) + 1."""
-
-    def __init__(self, in_dim: int, hidden: Sequence[int]):
-        super().__init__()
-        self.mlp = _mlp(in_dim, hidden, 2)
-
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        params = F.softplus(self.mlp(features)) + 1.0
-        return params[:, 0], params[:, 1]
-
-
-class ValueHead(nn.Module):
-    """Features -> V(x), the expected REINFORCE reward (its own MLP; trained by MSE)."""
-
-    def __init__(self, in_dim: int, hidden: int):
-        super().__init__()
-        self.mlp = _mlp(in_dim, (hidden,), 1)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp(features).squeeze(-1)
-
-
-# --------------------------------------------------------------------------- models
-
-
-class QualitySelector(nn.Module):
+class QualitySelector(RewardModel):
     """ViT -> image embedding -> Beta policy head (quality score) and a separate value head."""
 
     kind: Kind = "selector"
@@ -271,15 +157,25 @@ class QualitySelector(nn.Module):
         self, vit: ViTModel, head_hidden: Sequence[int], value_hidden: int, pooling: str = "mean"
     ):
         super().__init__()
-        _check_pooling(pooling)
+        check_pooling(pooling)
         self.vit = vit
         self.pooling = pooling
-        self.stem = _image_stem(vit)
+        self.stem = image_stem(vit)
         dim = pooled_size(vit.config.hidden_size, pooling)
         self.head_hidden = tuple(int(h) for h in head_hidden)
         self.value_hidden = int(value_hidden)
         self.policy_head = BetaPolicyHead(dim, self.head_hidden)
         self.value_head = ValueHead(dim, self.value_hidden)
+
+    @classmethod
+    def from_config(cls, cfg: RewardsConfig) -> QualitySelector:
+        """The selector of ``cfg``: ViT loaded or built, fresh heads."""
+        return cls(build_vit(cfg.vision), cfg.selector_hidden, cfg.value_hidden, cfg.vision.pooling)
+
+    @classmethod
+    def _from_architecture(cls, arch: dict[str, Any], path: Path) -> QualitySelector:
+        vit = ViTModel(ViTConfig.from_dict(arch["vision"]), add_pooling_layer=False)
+        return cls(vit, arch["head_hidden"], arch["value_hidden"], arch["pooling"])
 
     @property
     def image_size(self) -> int:
@@ -287,7 +183,9 @@ class QualitySelector(nn.Module):
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [-1, 1] -> (B, hidden): pooled final-LayerNorm tokens."""
-        return _pool(self.vit(pixel_values=self.stem(pixel_values)).last_hidden_state, self.pooling)
+        return pool_tokens(
+            self.vit(pixel_values=self.stem(pixel_values)).last_hidden_state, self.pooling
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> PolicyOutput:
         feats = self.features(pixel_values)
@@ -318,7 +216,7 @@ class QualitySelector(nn.Module):
         }
 
 
-class AlignmentPolicy(nn.Module):
+class AlignmentPolicy(RewardModel):
     """ViT image + BERT text features, fused -> MLP -> Beta policy; separate value head.
 
     ``fusion``: ``concat`` ([image ; text]) or ``interaction`` ([u, v, |u - v|, u * v] of
@@ -340,13 +238,13 @@ class AlignmentPolicy(nn.Module):
         fusion_dim: int = 64,
     ):
         super().__init__()
-        _check_pooling(pooling)
+        check_pooling(pooling)
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; allowed: {', '.join(FUSIONS)}")
         self.vit = vit
         self.pooling = pooling
-        self.stem = _image_stem(vit)
-        self.text_encoder = _drop_pooler(text_encoder)
+        self.stem = image_stem(vit)
+        self.text_encoder = drop_pooler(text_encoder)
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.fusion_hidden = tuple(int(h) for h in fusion_hidden)
@@ -362,9 +260,51 @@ class AlignmentPolicy(nn.Module):
         else:
             fused = image_dim + text_dim
         # concat, full preset: 1536 -> 768 -> 384, then the 2 Beta parameters
-        self.fusion = _mlp(fused, self.fusion_hidden[:-1], self.fusion_hidden[-1])
+        self.fusion = mlp(fused, self.fusion_hidden[:-1], self.fusion_hidden[-1])
         self.policy_head = BetaPolicyHead(self.fusion_hidden[-1], ())
         self.value_head = ValueHead(fused, self.value_hidden)
+
+    @classmethod
+    def from_config(cls, cfg: RewardsConfig) -> AlignmentPolicy:
+        """The alignment policy of ``cfg``: ViT and text encoder loaded or built, fresh heads."""
+        text_cfg: TextEncoderConfig = cfg.text_encoder
+        tokenizer = build_tokenizer(text_cfg)
+        if len(tokenizer) <= len(tokenizer.all_special_tokens):
+            log.warning(
+                "the text tokenizer has no vocabulary besides its %d special tokens, so every "
+                "prompt reads as [UNK] and the alignment policy cannot read text (with "
+                "transformers 5, BertTokenizerFast takes the vocabulary as vocab=, not vocab_file=)",
+                len(tokenizer),
+            )
+        text = build_text_encoder(text_cfg, vocab_size=len(tokenizer))
+        return cls(
+            build_vit(cfg.vision),
+            text,
+            tokenizer,
+            cfg.fusion_hidden,
+            cfg.value_hidden,
+            text_cfg.max_length,
+            cfg.vision.pooling if cfg.alignment_pooling == "vision" else cfg.alignment_pooling,
+            cfg.fusion,
+            cfg.fusion_dim,
+        )
+
+    @classmethod
+    def _from_architecture(cls, arch: dict[str, Any], path: Path) -> AlignmentPolicy:
+        vit = ViTModel(ViTConfig.from_dict(arch["vision"]), add_pooling_layer=False)
+        text_dict = dict(arch["text"])
+        text_cfg = AutoConfig.for_model(text_dict.pop("model_type"), **text_dict)
+        return cls(
+            vit,
+            AutoModel.from_config(text_cfg),
+            AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR)),
+            arch["fusion_hidden"],
+            arch["value_hidden"],
+            arch["max_length"],
+            arch["pooling"],
+            arch.get("fusion", "concat"),  # checkpoints before the interaction fusion
+            arch.get("fusion_dim", 64),
+        )
 
     @property
     def image_size(self) -> int:
@@ -386,7 +326,9 @@ class AlignmentPolicy(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [-1, 1] -> (B, vit hidden): the pooled ViT embedding."""
-        return _pool(self.vit(pixel_values=self.stem(pixel_values)).last_hidden_state, self.pooling)
+        return pool_tokens(
+            self.vit(pixel_values=self.stem(pixel_values)).last_hidden_state, self.pooling
+        )
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Masked mean of the text encoder's final token states: (B, text hidden)."""
@@ -458,66 +400,7 @@ class AlignmentPolicy(nn.Module):
         }
 
 
-RewardModel = QualitySelector | AlignmentPolicy
-
-
-def build_selector(cfg: RewardsConfig) -> QualitySelector:
-    """The selector of ``cfg``: ViT loaded or built, fresh heads."""
-    return QualitySelector(
-        build_vit(cfg.vision), cfg.selector_hidden, cfg.value_hidden, cfg.vision.pooling
-    )
-
-
-def build_alignment(cfg: RewardsConfig) -> AlignmentPolicy:
-    """The alignment policy of ``cfg``: ViT and text encoder loaded or built, fresh heads."""
-    text_cfg: TextEncoderConfig = cfg.text_encoder
-    tokenizer = build_tokenizer(text_cfg)
-    if len(tokenizer) <= len(tokenizer.all_special_tokens):
-        log.warning(
-            "the text tokenizer has no vocabulary besides its %d special tokens, so every "
-            "prompt reads as [UNK] and the alignment policy cannot read text (with "
-            "transformers 5, BertTokenizerFast takes the vocabulary as vocab=, not vocab_file=)",
-            len(tokenizer),
-        )
-    text = build_text_encoder(text_cfg, vocab_size=len(tokenizer))
-    return AlignmentPolicy(
-        build_vit(cfg.vision),
-        text,
-        tokenizer,
-        cfg.fusion_hidden,
-        cfg.value_hidden,
-        text_cfg.max_length,
-        cfg.vision.pooling if cfg.alignment_pooling == "vision" else cfg.alignment_pooling,
-        cfg.fusion,
-        cfg.fusion_dim,
-    )
-
-
 # --------------------------------------------------------------------------- checkpoints
-
-
-def save_reward_model(model: RewardModel, out: str | os.PathLike, **meta: Any) -> Path:
-    """Write ``model`` to directory ``out``: safetensors weights + JSON config (+ tokenizer).
-
-    ``meta`` (threshold, training statistics, the rewards config) is stored in the JSON.
-    Written to a temporary sibling directory and renamed into place; an existing
-    checkpoint at ``out`` is replaced only after the new one is complete.
-    """
-    out = Path(out)
-    with staged_folder(out) as tmp:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": CHECKPOINT_FORMAT})
-        if isinstance(model, AlignmentPolicy):
-            model.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        info = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "kind": model.kind,
-            "architecture": model.architecture(),
-            **meta,
-        }
-        (tmp / META_FILE).write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
-    return out
 
 
 def _json_default(value: Any) -> Any:
@@ -545,56 +428,6 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     if meta.get("kind") not in ("selector", "alignment"):
         raise ValueError(f"{meta_path}: unknown reward model kind {meta.get('kind')!r}")
     return meta
-
-
-def load_reward_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> RewardModel:
-    """Rebuild a saved selector or alignment policy (eval mode) from its directory."""
-    path = Path(path)
-    meta = read_checkpoint_meta(path)
-    arch = meta["architecture"]
-    vit = ViTModel(ViTConfig.from_dict(arch["vision"]), add_pooling_layer=False)
-    if meta["kind"] == "selector":
-        model: RewardModel = QualitySelector(
-            vit, arch["head_hidden"], arch["value_hidden"], arch["pooling"]
-        )
-    else:
-        text_dict = dict(arch["text"])
-        text_cfg = AutoConfig.for_model(text_dict.pop("model_type"), **text_dict)
-        text = AutoModel.from_config(text_cfg)
-        tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
-        model = AlignmentPolicy(
-            vit,
-            text,
-            tokenizer,
-            arch["fusion_hidden"],
-            arch["value_hidden"],
-            arch["max_length"],
-            arch["pooling"],
-            arch.get("fusion", "concat"),  # checkpoints before the interaction fusion
-            arch.get("fusion_dim", 64),
-        )
-    state = load_file(str(path / WEIGHTS_FILE))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path / WEIGHTS_FILE}: weights do not fit the stored architecture "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    return model.to(device).eval()
-
-
-def load_selector(path: str | os.PathLike, device: str | torch.device = "cpu") -> QualitySelector:
-    model = load_reward_model(path, device)
-    if not isinstance(model, QualitySelector):
-        raise ValueError(f"{path}: holds a {model.kind} model, not a selector")
-    return model
-
-
-def load_alignment(path: str | os.PathLike, device: str | torch.device = "cpu") -> AlignmentPolicy:
-    model = load_reward_model(path, device)
-    if not isinstance(model, AlignmentPolicy):
-        raise ValueError(f"{path}: holds a {model.kind} model, not an alignment policy")
-    return model
 
 
 # --------------------------------------------------------------------------- reward
@@ -644,12 +477,12 @@ class RewardModels:
     def load(cls, out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> RewardModels:
         """Load ``out_dir/selector`` and ``out_dir/alignment`` as written by train_rewards."""
         out_dir = Path(out_dir)
-        selector = load_selector(out_dir / "selector", device)
+        selector = QualitySelector.from_pretrained(out_dir / "selector", device)
         meta = read_checkpoint_meta(out_dir / "selector")
         weights = meta.get("reward_weights", {"quality": 0.5, "alignment": 0.5})
         return cls(
             selector,
-            load_alignment(out_dir / "alignment", device),
+            AlignmentPolicy.from_pretrained(out_dir / "alignment", device),
             threshold=float(meta.get("threshold", 0.25)),
             quality_weight=float(weights["quality"]),
             alignment_weight=float(weights["alignment"]),

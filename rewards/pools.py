@@ -160,7 +160,7 @@ def write_generated_pool(
     from generators.images import load_image, resize, save_png, to_uint8
     from generators.model import resolve_device
     from generators.sampling import sample
-    from rewards.simulated import POOL_FILE, _mismatched_prompt, simulate_ratings
+    from rewards.simulated import POOL_FILE, mismatched_prompt, simulate_ratings
 
     if not 0.0 <= mismatch_fraction <= 1.0 or prompts < 0 or seeds_per_prompt < 1:
         raise ValueError(
@@ -291,7 +291,7 @@ def write_generated_pool(
             claims, rec = e.pop("claims"), e.pop("record", None)
             shown = [(e["prompt"], "none")]
             if claims is not None and rng.random() < mismatch_fraction:
-                shown.append(_mismatched_prompt(claims, rng))
+                shown.append(mismatched_prompt(claims, rng))
             for prompt, kind in shown:
                 line = {**e, "prompt": prompt, "mismatch": kind}
                 if rec is not None:

@@ -26,7 +26,7 @@ import torch
 
 from generators.model import resolve_device
 from rewards.config import RewardsConfig
-from rewards.models import META_FILE, RewardModels, load_alignment, load_selector
+from rewards.models import META_FILE, AlignmentPolicy, QualitySelector, RewardModels
 from rewards.ood import WEIGHTS_FILE as OOD_WEIGHTS_FILE
 from rewards.ood import OODGuard, selector_features
 from rewards.scores import Reward, RewardScore, ScoreResult, validate_batch
@@ -177,8 +177,8 @@ class RewardModelScorer(BatchedReward):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.models = RewardModels(
-            load_selector(models_dir / "selector", self.device),
-            load_alignment(models_dir / "alignment", self.device),
+            QualitySelector.from_pretrained(models_dir / "selector", self.device),
+            AlignmentPolicy.from_pretrained(models_dir / "alignment", self.device),
             threshold=threshold,
             quality_weight=quality_weight,
             alignment_weight=alignment_weight,

@@ -410,7 +410,7 @@ def _with_quality(record: PhantomRecord, grade: int, rng: np.random.Generator) -
     return out
 
 
-def _mismatched_prompt(record: PhantomRecord, rng: np.random.Generator) -> tuple[str, str]:
+def mismatched_prompt(record: PhantomRecord, rng: np.random.Generator) -> tuple[str, str]:
     """A prompt that contradicts the image: wrong eye, wrong DR grade, or both."""
     kind = str(rng.choice(["laterality", "grade", "both"], p=[0.35, 0.4, 0.25]))
     laterality = record.laterality
@@ -460,7 +460,7 @@ def write_demo_pool(
             save_png(render(record, size), tmp / rel)
             shown = [(record.prompt, "none")]
             if rng.random() < mismatch_fraction:
-                shown.append(_mismatched_prompt(record, rng))
+                shown.append(mismatched_prompt(record, rng))
             for prompt, kind in shown:
                 entry = {"path": rel, "prompt": prompt, "mismatch": kind}
                 lines.append(json.dumps({**entry, "record": record.to_dict()}))

@@ -55,21 +55,11 @@ from generators.images import ImageDecodeError, load_image, resize, to_tensor
 from generators.model import build_tokenizer, resolve_device
 from rewards.config import RewardsConfig
 from rewards.contrastive import load_manifest_pairs, pretrain_towers, swap_eye
-from rewards.models import (
-    WEIGHTS_FILE,
-    AlignmentPolicy,
-    PolicyOutput,
-    QualitySelector,
-    RewardModel,
-    build_alignment,
-    build_selector,
-    load_reward_model,
-    save_reward_model,
-    vision_input_size,
-)
+from rewards.models import WEIGHTS_FILE, AlignmentPolicy, QualitySelector, RewardModel
 from rewards.ood import fit_ood_guard, selector_features
 from rewards.ratings import latest_per_rater, read_ratings
 from rewards.sheet import ASPECT_MAX
+from rewards.towers import PolicyOutput, vision_input_size
 from runfiles import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -498,7 +488,7 @@ def _start_from(model: RewardModel, previous: Path, device: torch.device) -> Non
     into ``model`` (``rewards.init_from``); a different kind or architecture is an error
     that names the file."""
     try:
-        prev = load_reward_model(previous, device)
+        prev = RewardModel.from_pretrained(previous, device)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"rewards.init_from: {exc}") from exc
     if prev.kind != model.kind:
@@ -538,7 +528,7 @@ def _train_one_objective(
     ali_objective = alignment_objective or objective
     t0 = time.perf_counter()
     _seed_all(cfg.seed)
-    selector = build_selector(cfg).to(device)
+    selector = QualitySelector.from_config(cfg).to(device)
     if cfg.init_from:
         _start_from(selector, Path(cfg.init_from) / "selector", device)
     sel_fit = fit(
@@ -555,7 +545,7 @@ def _train_one_objective(
     t1 = time.perf_counter()
 
     _seed_all(cfg.seed + 1)
-    policy = build_alignment(cfg).to(device)
+    policy = AlignmentPolicy.from_config(cfg).to(device)
     pretrain: dict[str, Any] = {"epochs": 0}
     if cfg.init_from:  # the towers come trained (and pre-trained, if they were) with it
         _start_from(policy, Path(cfg.init_from) / "alignment", device)
@@ -767,8 +757,8 @@ def train_rewards(
             "rewards_config": config_dict,
             "ratings": str(ratings_path),
         }
-        save_reward_model(selector, where / "selector", training=result["selector"], **common)
-        save_reward_model(policy, where / "alignment", training=result["alignment"], **common)
+        selector.save_pretrained(where / "selector", training=result["selector"], **common)
+        policy.save_pretrained(where / "alignment", training=result["alignment"], **common)
         checkpoints[objective] = {
             "selector": str(where / "selector"),
             "alignment": str(where / "alignment"),

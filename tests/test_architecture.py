@@ -31,7 +31,6 @@ MAX_FILE_LINES, MAX_FUNCTION_LINES = 500, 80
 LONG_FILES = {
     "generators/datasets.py": 620,
     "generators/finetune.py": 692,
-    "rewards/models.py": 661,
     "rewards/ratings.py": 727,
     "rewards/training.py": 904,
     "rewards/workbench/store.py": 620,
@@ -175,6 +174,8 @@ def test_long_files_and_functions_only_shrink():
         if n > known.get(name, limit)
     ]
     assert not grown, "split these by job (docs/architecture.md):\n" + "\n".join(grown)
+    gone = sorted((set(LONG_FILES) - set(files)) | (set(LONG_FUNCTIONS) - set(functions)))
+    assert not gone, f"now within the limits: take them off the lists: {gone}"
 
 
 def test_the_checks_catch_what_they_look_for():

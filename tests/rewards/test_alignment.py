@@ -16,8 +16,9 @@ from rewards.contrastive import (
     swap_eye,
     swap_grade,
 )
-from rewards.models import META_FILE, _pool, build_alignment, load_alignment, save_reward_model
+from rewards.models import META_FILE, AlignmentPolicy
 from rewards.simulated import parse_prompt
+from rewards.towers import pool_tokens
 from rewards.training import Batchable, eye_swap_detection, ranking_loss
 from tests.rewards.conftest import tiny_rewards_cfg
 
@@ -48,7 +49,7 @@ def _train_match(fusion: str, steps: int, seed: int = 0) -> tuple[float, float]:
     """BCE on the XOR match task; (held-out accuracy, last training loss)."""
     torch.manual_seed(seed)
     cfg = tiny_rewards_cfg(fusion=fusion, fusion_dim=16)
-    model = build_alignment(cfg)
+    model = AlignmentPolicy.from_config(cfg)
     x, prompts, y = xor_task(128, seed=1)
     xt, pt, yt = xor_task(128, seed=2)
     tok, tok_t = model.tokenize(prompts), model.tokenize(pt)
@@ -80,12 +81,12 @@ def test_grid_pooling_keeps_the_quadrants():
     hidden = torch.zeros(1, 1 + 16, 2)
     grid = hidden[:, 1:].view(1, 4, 4, 2)
     grid[:, :2, 2:, 0] = 1.0  # top-right quadrant
-    pooled = _pool(hidden, "grid")
+    pooled = pool_tokens(hidden, "grid")
     assert pooled.shape == (1, 8)
     torch.testing.assert_close(pooled[0, ::2], torch.tensor([0.0, 1.0, 0.0, 0.0]))
-    assert _pool(hidden, "mean").shape == (1, 2)
+    assert pool_tokens(hidden, "mean").shape == (1, 2)
     with pytest.raises(ValueError, match="unknown pooling"):
-        _pool(hidden, "max")
+        pool_tokens(hidden, "max")
 
 
 def test_swap_eye_and_grade():
@@ -125,7 +126,7 @@ def test_contrastive_loss_is_low_for_matching_pairs():
 def test_contrastive_pretraining_lowers_its_loss_and_learns_the_eye():
     torch.manual_seed(0)
     cfg = tiny_rewards_cfg(fusion_dim=16, pretrain_batch_size=16, pretrain_lr=3e-3)
-    model = build_alignment(cfg)
+    model = AlignmentPolicy.from_config(cfg)
     side = torch.arange(48) % 2  # 0: left half bright = the left eye
     images = half_images(side).add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
     prompts = [RIGHT if s else LEFT for s in side.tolist()]
@@ -142,7 +143,7 @@ def test_contrastive_pretraining_lowers_its_loss_and_learns_the_eye():
 def test_pretraining_a_concat_policy_trains_the_towers_only():
     torch.manual_seed(0)
     cfg = tiny_rewards_cfg(fusion="concat", pretrain_batch_size=8)
-    model = build_alignment(cfg)
+    model = AlignmentPolicy.from_config(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.randint(0, 255, (16, 3, 32, 32), dtype=torch.uint8)
     prompts = [LEFT, RIGHT] * 8
@@ -156,7 +157,7 @@ def test_pretraining_a_concat_policy_trains_the_towers_only():
 
 
 def test_ranking_loss_orders_the_batch():
-    from rewards.models import PolicyOutput
+    from rewards.towers import PolicyOutput
 
     logits = torch.zeros(3, requires_grad=True)
     alpha, beta = F.softplus(logits) + 1.0, F.softplus(-logits) + 1.0
@@ -171,16 +172,16 @@ def test_ranking_loss_orders_the_batch():
 @pytest.mark.parametrize("fusion", ["interaction", "concat"])
 def test_fusion_checkpoint_roundtrip(tmp_path, fusion):
     torch.manual_seed(0)
-    model = build_alignment(tiny_rewards_cfg(fusion=fusion, fusion_dim=12))
+    model = AlignmentPolicy.from_config(tiny_rewards_cfg(fusion=fusion, fusion_dim=12))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     x = half_images(torch.tensor([0, 1, 0]))
     expected = model.score(x, [LEFT, RIGHT, RIGHT])
-    out = save_reward_model(model, tmp_path / "alignment")
+    out = model.save_pretrained(tmp_path / "alignment")
     arch = json.loads((out / META_FILE).read_text())["architecture"]
     assert arch["fusion"] == fusion and arch["fusion_dim"] == 12 and arch["pooling"] == "grid"
-    loaded = load_alignment(out)
+    loaded = AlignmentPolicy.from_pretrained(out)
     assert loaded.fusion_kind == fusion
     torch.testing.assert_close(loaded.score(x, [LEFT, RIGHT, RIGHT]), expected)
 
@@ -188,17 +189,17 @@ def test_fusion_checkpoint_roundtrip(tmp_path, fusion):
 def test_old_concat_checkpoints_still_load(tmp_path):
     """A checkpoint written before the fusion key (concat, mean pooling) loads as concat."""
     torch.manual_seed(0)
-    model = build_alignment(tiny_rewards_cfg(fusion="concat", alignment_pooling="mean"))
+    model = AlignmentPolicy.from_config(tiny_rewards_cfg(fusion="concat", alignment_pooling="mean"))
     x = half_images(torch.tensor([0, 1]))
     expected = model.score(x, [LEFT, RIGHT])
-    out = save_reward_model(model, tmp_path / "old")
+    out = model.save_pretrained(tmp_path / "old")
     meta = json.loads((out / META_FILE).read_text())
     del meta["architecture"]["fusion"], meta["architecture"]["fusion_dim"]
     (out / META_FILE).write_text(json.dumps(meta))
-    loaded = load_alignment(out)
+    loaded = AlignmentPolicy.from_pretrained(out)
     assert loaded.fusion_kind == "concat" and loaded.pooling == "mean"
     torch.testing.assert_close(loaded.score(x, [LEFT, RIGHT]), expected)
     with pytest.raises(ValueError, match="unknown fusion"):
-        build_alignment(tiny_rewards_cfg()).__class__(
+        AlignmentPolicy.from_config(tiny_rewards_cfg()).__class__(
             model.vit, model.text_encoder, model.tokenizer, (8,), 8, 16, "mean", "sum"
         )

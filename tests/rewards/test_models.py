@@ -12,20 +12,8 @@ from transformers import BertConfig, BertModel, BertTokenizerFast, ViTConfig, Vi
 
 from generators.config import TextEncoderConfig
 from rewards.config import VisionConfig
-from rewards.models import (
-    META_FILE,
-    AlignmentPolicy,
-    DetailChannels,
-    QualitySelector,
-    RewardModels,
-    build_alignment,
-    build_selector,
-    load_alignment,
-    load_reward_model,
-    load_selector,
-    prepare_images,
-    save_reward_model,
-)
+from rewards.models import META_FILE, AlignmentPolicy, QualitySelector, RewardModel, RewardModels
+from rewards.towers import DetailChannels, prepare_images
 from tests.rewards.conftest import tiny_rewards_cfg
 
 PROMPTS = [
@@ -42,7 +30,7 @@ def images(n: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
 
 def test_selector_scores_are_the_beta_mean_in_unit_interval(tiny_rewards):
     torch.manual_seed(0)
-    model = build_selector(tiny_rewards).eval()
+    model = QualitySelector.from_config(tiny_rewards).eval()
     out = model(pixel_values=images())
     assert (out.alpha > 1).all() and (out.beta > 1).all()  # softplus + 1
     torch.testing.assert_close(out.mean, out.alpha / (out.alpha + out.beta))
@@ -54,7 +42,11 @@ def test_selector_scores_are_the_beta_mean_in_unit_interval(tiny_rewards):
 @pytest.mark.parametrize("kind", ["selector", "alignment"])
 def test_an_image_score_does_not_depend_on_its_batch(tiny_rewards, kind):
     torch.manual_seed(0)
-    model = build_selector(tiny_rewards) if kind == "selector" else build_alignment(tiny_rewards)
+    model = (
+        QualitySelector.from_config(tiny_rewards)
+        if kind == "selector"
+        else AlignmentPolicy.from_config(tiny_rewards)
+    )
     model.train()  # score() must switch to eval mode by itself
     x = images(4)
     others = images(4, seed=1)
@@ -70,7 +62,10 @@ def test_an_image_score_does_not_depend_on_its_batch(tiny_rewards, kind):
 
 def test_value_head_is_separate_from_the_policy(tiny_rewards):
     torch.manual_seed(0)
-    for model in (build_selector(tiny_rewards), build_alignment(tiny_rewards)):
+    for model in (
+        QualitySelector.from_config(tiny_rewards),
+        AlignmentPolicy.from_config(tiny_rewards),
+    ):
         policy = {id(p) for p in model.policy_head.parameters()}
         value = {id(p) for p in model.value_head.parameters()}
         assert policy.isdisjoint(value)
@@ -93,7 +88,7 @@ def test_alignment_policy_shapes_follow_the_config(fusion, pooling):
         fusion_hidden=(24, 12), value_hidden=6, fusion=fusion, alignment_pooling=pooling,
         fusion_dim=10,
     )  # fmt: skip
-    model = build_alignment(cfg)
+    model = AlignmentPolicy.from_config(cfg)
     image = cfg.vision.hidden_size * (4 if pooling == "grid" else 1)
     fused = image + cfg.text_encoder.hidden_size if fusion == "concat" else 4 * 10
     if fusion == "interaction":
@@ -172,13 +167,13 @@ def test_backbones_load_from_local_directories(tmp_path):
         vision=VisionConfig(pretrained=str(vit_dir)),
         text_encoder=TextEncoderConfig(pretrained=str(bert_dir), max_length=16),
     )
-    selector = build_selector(cfg)
+    selector = QualitySelector.from_config(cfg)
     torch.testing.assert_close(
         selector.vit.embeddings.patch_embeddings.projection.weight,
         vit.embeddings.patch_embeddings.projection.weight,
     )
     assert selector.vit.config.num_channels == 3  # pretrained: plain RGB, no detail channels
-    policy = build_alignment(cfg)
+    policy = AlignmentPolicy.from_config(cfg)
     assert policy.text_encoder.pooler is None  # unused pooler dropped
     assert policy.tokenizer.tokenize("left eye") == ["left", "eye"]
     assert policy.score(images(2), ["left eye", "right eye"]).shape == (2,)
@@ -187,40 +182,47 @@ def test_backbones_load_from_local_directories(tmp_path):
 @pytest.mark.parametrize("kind", ["selector", "alignment"])
 def test_checkpoint_roundtrip_gives_the_same_scores(tmp_path, tiny_rewards, kind):
     torch.manual_seed(0)
-    model = build_selector(tiny_rewards) if kind == "selector" else build_alignment(tiny_rewards)
+    model = (
+        QualitySelector.from_config(tiny_rewards)
+        if kind == "selector"
+        else AlignmentPolicy.from_config(tiny_rewards)
+    )
     with torch.no_grad():  # move away from the initialisation so the test means something
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     x = images(3)
     expected = model.score(x, PROMPTS[:3])
-    out = save_reward_model(model, tmp_path / kind, threshold=0.3, training={"steps": 5})
+    out = model.save_pretrained(tmp_path / kind, threshold=0.3, training={"steps": 5})
     meta = json.loads((out / META_FILE).read_text())
     assert meta["kind"] == kind and meta["threshold"] == 0.3 and meta["training"] == {"steps": 5}
-    loaded = load_reward_model(out)
+    loaded = RewardModel.from_pretrained(out)
     assert type(loaded) is type(model) and not loaded.training
     torch.testing.assert_close(loaded.score(x, PROMPTS[:3]), expected)
     # saving again over it replaces it in one piece
-    save_reward_model(model, out, threshold=0.4)
+    model.save_pretrained(out, threshold=0.4)
     assert json.loads((out / META_FILE).read_text())["threshold"] == 0.4
     assert sorted(p.name for p in tmp_path.iterdir()) == [kind]
 
 
 def test_loading_the_wrong_kind_or_a_newer_version_fails(tmp_path, tiny_rewards):
-    out = save_reward_model(build_selector(tiny_rewards), tmp_path / "sel")
+    out = QualitySelector.from_config(tiny_rewards).save_pretrained(tmp_path / "sel")
     with pytest.raises(ValueError, match="not an alignment policy"):
-        load_alignment(out)
-    assert isinstance(load_selector(out), QualitySelector)
+        AlignmentPolicy.from_pretrained(out)
+    assert isinstance(QualitySelector.from_pretrained(out), QualitySelector)
     meta = json.loads((out / META_FILE).read_text())
     (out / META_FILE).write_text(json.dumps({**meta, "version": 99}))
     with pytest.raises(ValueError, match="newer"):
-        load_reward_model(out)
+        RewardModel.from_pretrained(out)
     with pytest.raises(FileNotFoundError, match="not a reward model checkpoint"):
-        load_reward_model(tmp_path)
+        RewardModel.from_pretrained(tmp_path)
 
 
 def test_reward_models_score_dict(tmp_path, tiny_rewards):
     torch.manual_seed(0)
-    selector, policy = build_selector(tiny_rewards), build_alignment(tiny_rewards)
+    selector, policy = (
+        QualitySelector.from_config(tiny_rewards),
+        AlignmentPolicy.from_config(tiny_rewards),
+    )
     rewards = RewardModels(selector, policy, threshold=0.5, quality_weight=3, alignment_weight=1)
     out = rewards.score(images(), PROMPTS)
     assert set(out) == {"quality", "alignment", "reward", "passed"}

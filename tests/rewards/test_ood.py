@@ -40,15 +40,15 @@ def test_scorer_takes_the_penalty_off_images_unlike_the_rated_pool(tmp_path):
     from generators.images import to_tensor
     from generators.phantom import sample_record
     from generators.phantom_render import render
-    from rewards.models import build_alignment, build_selector, save_reward_model
+    from rewards.models import AlignmentPolicy, QualitySelector
     from rewards.scorers import RewardModelScorer
     from tests.rewards.conftest import tiny_rewards_cfg
 
     cfg = tiny_rewards_cfg()
     torch.manual_seed(0)
     models = tmp_path / "models"
-    save_reward_model(build_selector(cfg), models / "selector", threshold=0.25)
-    save_reward_model(build_alignment(cfg), models / "alignment", threshold=0.25)
+    QualitySelector.from_config(cfg).save_pretrained(models / "selector", threshold=0.25)
+    AlignmentPolicy.from_config(cfg).save_pretrained(models / "alignment", threshold=0.25)
     rng = np.random.default_rng(0)
     records = [sample_record(rng, f"p{i}") for i in range(72)]
     phantoms = torch.stack([to_tensor(render(r, 32)) for r in records])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rewards.http import RewardHTTPService, check_host, decode_image, encode_image, serve_rewards
-from rewards.models import RewardModels, build_alignment, build_selector, save_reward_model
+from rewards.models import AlignmentPolicy, QualitySelector, RewardModels
 from rewards.scorers import (
     BatchedReward,
     BrightnessReward,
@@ -48,8 +48,8 @@ def models_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("rewards")
     torch.manual_seed(0)
     meta = {"threshold": 0.9, "reward_weights": {"quality": 0.1, "alignment": 0.9}}
-    save_reward_model(build_selector(cfg), out / "selector", **meta)
-    save_reward_model(build_alignment(cfg), out / "alignment", **meta)
+    QualitySelector.from_config(cfg).save_pretrained(out / "selector", **meta)
+    AlignmentPolicy.from_config(cfg).save_pretrained(out / "alignment", **meta)
     return out
 
 

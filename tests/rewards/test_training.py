@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from rewards.models import RewardModels, build_alignment, build_selector
+from rewards.models import AlignmentPolicy, QualitySelector, RewardModels
 from rewards.ratings import read_ratings
 from rewards.training import (
     REPORT_FILE,
@@ -49,7 +49,11 @@ def test_agreement_reward():
 def test_advantage_sign_moves_the_log_probability(tiny_rewards, kind, sign):
     """One SGD step on -A * log pi(s) raises log pi(s) when A > 0 and lowers it when A < 0."""
     torch.manual_seed(0)
-    model = build_selector(tiny_rewards) if kind == "selector" else build_alignment(tiny_rewards)
+    model = (
+        QualitySelector.from_config(tiny_rewards)
+        if kind == "selector"
+        else AlignmentPolicy.from_config(tiny_rewards)
+    )
     model.eval()  # deterministic forward passes (no dropout anywhere anyway)
     inputs = model.inputs(batch(1), [PROMPT])
     dist = model(**inputs).distribution()
@@ -67,7 +71,7 @@ def test_advantage_sign_moves_the_log_probability(tiny_rewards, kind, sign):
 def test_advantage_uses_the_value_head_detached(tiny_rewards):
     """The policy term never trains the value head; only the value loss does."""
     torch.manual_seed(0)
-    model = build_selector(tiny_rewards)
+    model = QualitySelector.from_config(tiny_rewards)
     out = model(pixel_values=batch())
     loss, parts = reinforce_loss(out, torch.rand(8), value_coef=0.0, entropy_coef=0.0)
     loss.backward()
@@ -84,7 +88,7 @@ def test_advantage_uses_the_value_head_detached(tiny_rewards):
 def test_value_baseline_lowers_the_gradient_variance(tiny_rewards):
     """Per-sample REINFORCE gradients on a fixed model and batch: same mean, less variance."""
     torch.manual_seed(0)
-    model = build_selector(tiny_rewards).eval()
+    model = QualitySelector.from_config(tiny_rewards).eval()
     x, y = batch(8), torch.tensor([0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0, 0.0])
     with torch.no_grad():
         features = model.features(x)
@@ -129,7 +133,7 @@ def test_value_baseline_lowers_the_gradient_variance(tiny_rewards):
 
 
 def test_regression_loss():
-    from rewards.models import PolicyOutput
+    from rewards.towers import PolicyOutput
 
     out = PolicyOutput(torch.tensor([1.0, 3.0]), torch.tensor([3.0, 1.0]), torch.zeros(2))
     loss, _ = regression_loss(out, torch.tensor([0.0, 1.0]))  # means 0.25 and 0.75
