@@ -82,6 +82,72 @@ class TrainBatch:
         )
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """The batch arithmetic of one iteration, decided in one place (:func:`batch_plan`).
+
+    ``samples`` trained (stage 2: those that passed, so it changes between iterations) are
+    dealt to ``world`` ranks, ``per_rank`` each (the shortest shards padded with
+    zero-weight rows); each rank cuts its shard into ``micro_batches`` of at most
+    ``micro_batch`` samples per pass; ``micro_per_update`` of them make one optimizer step,
+    so a pass takes ``updates_per_epoch`` steps (fewer than ``rl.updates_per_epoch`` when
+    there are fewer micro-batches); every sample trains ``steps_per_sample`` DDIM steps.
+    """
+
+    samples: int
+    world: int
+    per_rank: int
+    padded: int
+    micro_batch: int
+    micro_batches: int
+    micro_per_update: int
+    updates_per_epoch: int
+    inner_epochs: int
+    steps_per_sample: int
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.updates_per_epoch * self.inner_epochs
+
+    def describe(self) -> str:
+        return (
+            f"{self.samples} samples = {self.world} rank(s) x {self.per_rank} "
+            f"({self.padded} zero-weight padding); per rank and pass {self.micro_batches} "
+            f"micro-batch(es) of <= {self.micro_batch}, {self.micro_per_update} per optimizer "
+            f"step -> {self.updates_per_epoch} step(s) x {self.inner_epochs} pass(es) = "
+            f"{self.optimizer_steps}; {self.steps_per_sample} DDIM step(s) per sample"
+        )
+
+
+def batch_plan(samples: int, world: int, cfg: Any, eligible_steps: int) -> BatchPlan:
+    """The :class:`BatchPlan` of ``samples`` on ``world`` ranks under ``cfg`` (``rl.*``);
+    asserts that every sample lands on exactly one rank and every micro-batch in exactly
+    one optimizer step."""
+    if world < 1 or samples < 0:
+        raise ValueError(f"batch_plan: samples={samples} world={world}")
+    per_rank = math.ceil(samples / world) if samples else 0
+    micro_batches = math.ceil(per_rank / cfg.micro_batch)
+    per_update = max(1, math.ceil(micro_batches / min(cfg.updates_per_epoch, micro_batches or 1)))
+    updates = math.ceil(micro_batches / per_update) if micro_batches else 0
+    plan = BatchPlan(
+        samples=samples,
+        world=world,
+        per_rank=per_rank,
+        padded=per_rank * world - samples,
+        micro_batch=cfg.micro_batch,
+        micro_batches=micro_batches,
+        micro_per_update=per_update,
+        updates_per_epoch=updates,
+        inner_epochs=cfg.inner_epochs,
+        steps_per_sample=max(1, round(cfg.timestep_fraction * eligible_steps)),
+    )
+    assert plan.padded < world or samples == 0, plan  # padding never fills a whole rank
+    assert per_rank <= micro_batches * cfg.micro_batch < per_rank + cfg.micro_batch, plan
+    assert (updates - 1) * per_update < micro_batches <= updates * per_update, plan
+    assert updates <= cfg.updates_per_epoch, plan
+    return plan
+
+
 def group_advantages(prompts: Sequence[str], rewards: torch.Tensor, clip: float) -> torch.Tensor:
     """(reward - mean of its prompt's group) / std of the group, clipped to +-clip.
 
@@ -217,6 +283,7 @@ class Learner:
                 f"std is at most {float(sigma.max()):.3g} (sampling.eta = {sampling.eta})"
             )
         self.optimizer_steps = 0
+        self.last_plan: BatchPlan | None = None
         self._uncond: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ adapter
@@ -310,15 +377,20 @@ class Learner:
         count = 0
         self.engine.train()
         eligible = self.trained_steps(batch.timesteps)
-        per_sample = max(1, round(cfg.timestep_fraction * len(eligible)))
+        plan = batch_plan(len(batch), self.world, cfg, len(eligible))
+        if self.rank == 0 and plan != self.last_plan:  # stage 2 changes the sample count
+            log.info("iteration %d batch: %s", iteration, plan.describe())
+        self.last_plan = plan
+        per_sample, per_update = plan.steps_per_sample, plan.micro_per_update
         texts = self._encode(shard.prompts)
+        steps_before = self.optimizer_steps
         for _epoch in range(cfg.inner_epochs):
             order = torch.randperm(n, generator=rng)
             micro = list(order.split(cfg.micro_batch))
-            per_update = math.ceil(len(micro) / min(cfg.updates_per_epoch, len(micro)))
+            assert len(micro) == plan.micro_batches and n == plan.per_rank, (plan, n)
             for first in range(0, len(micro), per_update):
                 group = micro[first : first + per_update]
-                plan = [
+                micro_steps = [
                     (rows, j)
                     for rows in group
                     for j in eligible[torch.randperm(len(eligible), generator=rng)][
@@ -326,8 +398,8 @@ class Learner:
                     ].tolist()
                 ]
                 # one optimizer step per group: gradients accumulate over its micro-steps
-                for step_i, (rows, j) in enumerate(plan):
-                    self.engine.set_gradient_accumulation_boundary(step_i == len(plan) - 1)
+                for step_i, (rows, j) in enumerate(micro_steps):
+                    self.engine.set_gradient_accumulation_boundary(step_i == len(micro_steps) - 1)
                     cond, uncond = self._embeds([shard.prompts[i] for i in rows.tolist()], texts)
                     lat = shard.latents[rows].to(self.device)
                     old = shard.log_probs[rows, j].to(self.device)
@@ -344,14 +416,17 @@ class Learner:
                         kl = self._kl_to_base(pred, x, t_in, cond, uncond, w)
                         loss = loss + cfg.kl_weight * kl
                         stats["kl_to_base"] = kl.detach()
-                    self.engine.backward(loss / len(plan), scale_wrt_gas=False)
+                    self.engine.backward(loss / len(micro_steps), scale_wrt_gas=False)
                     for k, v in {"loss": loss.detach(), **stats}.items():
                         totals[k] = totals.get(k, 0.0) + float(v)
                     count += 1
                 self.engine.step()
                 self.optimizer_steps += 1
+        assert self.optimizer_steps - steps_before == plan.optimizer_steps, plan
         out = {k: v / max(count, 1) for k, v in totals.items()}
         out["updates"] = float(self.optimizer_steps)
+        out["optimizer_steps_iteration"] = float(plan.optimizer_steps)
+        out["samples_per_rank"] = float(plan.per_rank)
         return out
 
     def _kl_to_base(self, pred, x, t_in, cond, uncond, w) -> torch.Tensor:

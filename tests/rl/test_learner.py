@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from rl.learner import TrainBatch, group_advantages, ppo_loss
+from rl.learner import TrainBatch, batch_plan, group_advantages, ppo_loss
 from tests.rl.conftest import PROMPTS, rl_config
 
 
@@ -197,3 +198,32 @@ def test_near_deterministic_steps_are_not_trained(rl_generator_dir, tmp_path):
 
     with pytest.raises(ValueError, match="min_noise_std"):
         Learner(rl_generator_dir, cfg.lora, cfg.sampling, replace(cfg.rl, min_noise_std=1.0))
+
+
+@pytest.mark.parametrize(
+    ("samples", "world", "micro", "updates", "expect"),
+    [
+        # (per_rank, padded, micro_batches, micro_per_update, updates_per_epoch)
+        (32, 1, 8, 4, (32, 0, 4, 1, 4)),  # the demo: four steps of one micro-batch each
+        (32, 2, 8, 4, (16, 0, 2, 1, 2)),  # two ranks: two micro-batches each, two steps
+        (13, 2, 4, 4, (7, 1, 2, 1, 2)),  # stage 2 kept 13: one zero-weight row pads rank 1
+        (40, 1, 4, 3, (40, 0, 10, 4, 3)),  # 10 micro-batches in steps of 4, 4, 2
+        (3, 4, 8, 4, (1, 1, 1, 1, 1)),  # fewer samples than ranks
+        (0, 2, 8, 4, (0, 0, 0, 1, 0)),  # nothing passed the gate: no step
+    ],
+)
+def test_batch_plan_states_the_arithmetic_and_the_learner_follows_it(
+    samples, world, micro, updates, expect
+):
+    # the rl.* keys batch_plan reads
+    cfg = SimpleNamespace(
+        micro_batch=micro, updates_per_epoch=updates, inner_epochs=2, timestep_fraction=1.0
+    )
+    plan = batch_plan(samples, world, cfg, eligible_steps=10)
+    got = (plan.per_rank, plan.padded, plan.micro_batches, plan.micro_per_update)
+    assert (*got, plan.updates_per_epoch) == expect
+    assert plan.optimizer_steps == 2 * plan.updates_per_epoch
+    assert plan.steps_per_sample == 10 and str(plan.per_rank) in plan.describe()
+    for rank in range(world):  # the shards the learner trains have exactly per_rank rows
+        if samples:
+            assert len(_batch(samples).shard(rank, world)[0]) == plan.per_rank
