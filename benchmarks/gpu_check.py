@@ -96,7 +96,7 @@ def _sync(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     from medrl.config import load_config
-    from rl.learner import Learner, TrainBatch
+    from rl.learner import Learner
     from rl.samplers import Sampler, SampleRequest
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     _sync(device)
     sample_s = time.perf_counter() - t1
     adv = torch.linspace(-1, 1, n)
-    batch = TrainBatch(ids=traj.ids, prompts=traj.prompts, latents=traj.latents,
-                       log_probs=traj.log_probs, timesteps=traj.timesteps, advantages=adv)  # fmt: skip
+    batch = traj.for_learner(adv, keep=range(n))
     learner.train(batch, iteration=0, seed=0)  # warm-up
     _sync(device)
     t2 = time.perf_counter()

@@ -41,45 +41,9 @@ import torch
 
 from generators.config import LoraConfig, SamplingConfig
 from rl.config import RLConfig
+from rl.trajectories import Trajectories
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainBatch:
-    """What one iteration trains on (already filtered to the stage's samples)."""
-
-    ids: list[str]
-    prompts: list[str]
-    latents: torch.Tensor  # (N, T + 1, C, h, w)
-    log_probs: torch.Tensor  # (N, T) recorded by the samplers
-    timesteps: torch.Tensor  # (T,)
-    advantages: torch.Tensor  # (N,)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def shard(self, rank: int, world: int) -> tuple[TrainBatch, torch.Tensor]:
-        """This rank's rows, padded to the longest shard; returns (batch, row weights)."""
-        n = len(self)
-        per_rank = math.ceil(n / world) if n else 0
-        rows = list(range(rank, n, world))
-        weights = [1.0] * len(rows)
-        while len(rows) < per_rank:  # pad with a zero-weight copy of a real row
-            rows.append(rows[0] if rows else 0)
-            weights.append(0.0)
-        idx = torch.as_tensor(rows, dtype=torch.long)
-        return (
-            TrainBatch(
-                ids=[self.ids[i] for i in rows],
-                prompts=[self.prompts[i] for i in rows],
-                latents=self.latents[idx],
-                log_probs=self.log_probs[idx],
-                timesteps=self.timesteps,
-                advantages=self.advantages[idx],
-            ),
-            torch.tensor(weights),
-        )
 
 
 @dataclass(frozen=True)
@@ -363,7 +327,7 @@ class Learner:
         cond = torch.stack([cache[p] for p in prompts])
         return cond, self._uncond.expand(len(prompts), -1, -1)
 
-    def train(self, batch: TrainBatch, iteration: int, seed: int) -> dict[str, float]:
+    def train(self, batch: Trajectories, iteration: int, seed: int) -> dict[str, float]:
         """Inner epochs over this rank's shard of ``batch``; returns mean statistics."""
         from generators.sampling import ddim_step_with_logprob
 

@@ -46,10 +46,11 @@ from rl.checkpoints import (
 )
 from rl.gold import make_gold_judge
 from rl.inputs import iteration_requests
-from rl.learner import Learner, TrainBatch, group_advantages, load_rng_state
+from rl.learner import Learner, group_advantages, load_rng_state
 from rl.records import is_number
 from rl.rollout import Backend, LocalBackend, evaluate_adapter, score_map
 from rl.samplers import SampleRequest
+from rl.trajectories import Trajectories
 from runfiles import METRICS_FILE, append_metrics
 from runfiles.config import to_dict
 
@@ -268,7 +269,7 @@ def draw_batch(
     stage: int,
     adv_clip: float,
     record: dict[str, Any],
-) -> TrainBatch:
+) -> Trajectories:
     """Rank 0: draw the iteration's samples with adapter ``version``, score them, normalise
     advantages per prompt and keep what the stage trains on (stage 2: the samples that
     pass); the iteration's reward statistics go into ``record``."""
@@ -291,14 +292,7 @@ def draw_batch(
     )
     record[f"reward_mean_stage{stage}"] = record["reward_mean"]
     record[f"reward_std_stage{stage}"] = record["reward_std"]
-    return TrainBatch(
-        ids=[traj.ids[i] for i in keep],
-        prompts=[traj.prompts[i] for i in keep],
-        latents=traj.latents[keep],
-        log_probs=traj.log_probs[keep],
-        timesteps=traj.timesteps,
-        advantages=adv[keep],
-    )
+    return traj.for_learner(adv, keep)  # no images: no learner rank trains on them
 
 
 def _mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:

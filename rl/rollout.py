@@ -13,7 +13,8 @@ import torch
 
 from rl.gold import GoldJudge, standard_error
 from rl.inputs import eval_requests
-from rl.samplers import SampleRequest, Trajectories
+from rl.samplers import SampleRequest
+from rl.trajectories import Trajectories
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,13 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from generators.config import LoraConfig, SamplingConfig
+from rl.trajectories import Trajectories
 
 log = logging.getLogger(__name__)
 
@@ -37,53 +38,6 @@ class SampleRequest:
     sample_id: str
     prompt: str
     seed: int
-
-
-@dataclass
-class Trajectories:
-    """Samples with their DDIM trajectories, in the order of ``ids``."""
-
-    ids: list[str]
-    prompts: list[str]
-    seeds: list[int]
-    versions: list[int]  # adapter version that drew each sample
-    images: torch.Tensor  # (B, 3, H, W) in [-1, 1]
-    latents: torch.Tensor  # (B, T + 1, C, h, w)
-    log_probs: torch.Tensor  # (B, T)
-    timesteps: torch.Tensor  # (T,)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def select(self, order: Sequence[int]) -> Trajectories:
-        idx = torch.as_tensor(list(order), dtype=torch.long)
-        return Trajectories(
-            ids=[self.ids[i] for i in order],
-            prompts=[self.prompts[i] for i in order],
-            seeds=[self.seeds[i] for i in order],
-            versions=[self.versions[i] for i in order],
-            images=self.images[idx],
-            latents=self.latents[idx],
-            log_probs=self.log_probs[idx],
-            timesteps=self.timesteps,
-            meta=dict(self.meta),
-        )
-
-    @staticmethod
-    def cat(parts: Sequence[Trajectories]) -> Trajectories:
-        if not parts:
-            raise ValueError("no trajectories to concatenate")
-        return Trajectories(
-            ids=[i for p in parts for i in p.ids],
-            prompts=[x for p in parts for x in p.prompts],
-            seeds=[x for p in parts for x in p.seeds],
-            versions=[x for p in parts for x in p.versions],
-            images=torch.cat([p.images for p in parts]),
-            latents=torch.cat([p.latents for p in parts]),
-            log_probs=torch.cat([p.log_probs for p in parts]),
-            timesteps=parts[0].timesteps,
-        )
 
 
 class Sampler:

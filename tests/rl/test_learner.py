@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rl.learner import TrainBatch, batch_plan, group_advantages, ppo_loss
+from rl.learner import batch_plan, group_advantages, ppo_loss
+from rl.trajectories import Trajectories
 from tests.rl.conftest import PROMPTS, rl_config
 
 
@@ -67,10 +68,13 @@ def test_ppo_loss_clip_fraction_and_kl_by_hand():
     torch.testing.assert_close(new.grad[2], torch.tensor(-2.0 * 1.0 / 4))
 
 
-def _batch(n: int) -> TrainBatch:
-    return TrainBatch(
+def _batch(n: int) -> Trajectories:
+    return Trajectories(
         ids=[f"s{i}" for i in range(n)],
         prompts=[f"p{i}" for i in range(n)],
+        seeds=list(range(n)),
+        versions=[0] * n,
+        images=None,
         latents=torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1, 1).expand(n, 3, 1, 1, 1),
         log_probs=torch.arange(n, dtype=torch.float32)[:, None].expand(n, 2),
         timesteps=torch.tensor([10, 1]),
@@ -152,10 +156,8 @@ def test_one_update_raises_the_log_prob_of_a_positive_advantage(rl_generator_dir
     # on-policy: the learner recomputes what the sampler recorded
     torch.testing.assert_close(before, traj.log_probs, rtol=1e-4, atol=1e-4)
 
-    batch = TrainBatch(
-        traj.ids, traj.prompts, traj.latents, traj.log_probs, traj.timesteps,
-        torch.tensor([1.0, -1.0]),
-    )  # fmt: skip
+    batch = traj.for_learner(torch.tensor([1.0, -1.0]), keep=[0, 1])
+    assert batch.images is None  # the learner ranks get no pixels
     stats = learner.train(batch, iteration=0, seed=0)
     assert stats["updates"] == 1.0
     assert stats["clipfrac"] == 0.0 and stats["approx_kl"] < 1e-8  # ratio 1 on-policy
@@ -188,9 +190,7 @@ def test_near_deterministic_steps_are_not_trained(rl_generator_dir, tmp_path):
     traj = sampler.sample([SampleRequest(f"s{i}", PROMPTS[i], i) for i in range(2)], 0, [adapter])
     latents = traj.latents.clone()
     latents[:, 5:] = float("nan")
-    batch = TrainBatch(
-        traj.ids, traj.prompts, latents, traj.log_probs, traj.timesteps, torch.tensor([1.0, -1.0])
-    )
+    batch = replace(traj, latents=latents).for_learner(torch.tensor([1.0, -1.0]), keep=[0, 1])
     learner.train(batch, iteration=0, seed=0)
     after = learner.adapter_state()
     assert all(torch.isfinite(v).all() for v in after.values())
