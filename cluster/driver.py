@@ -17,14 +17,13 @@ from typing import Any
 import torch
 
 from rl.checkpoints import RL_DIR
+from rl.config import RLRun
 from rl.inputs import resolve_inputs
 from rl.learner import Learner
 from rl.loop import run_iterations
 from rl.records import read_rl_records
 from rl.rollout import RayBackend
 
-# ``cfg`` is medrl's composed RunConfig (``run``, ``data``, ``lora``, ``sampling``,
-# ``rewards``, ``rl`` sections), typed ``Any``: rl does not import medrl.
 log = logging.getLogger(__name__)
 
 
@@ -77,7 +76,7 @@ def env_for_job(env_vars: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env_vars.items() if k not in job_env}
 
 
-def ray_init(cfg: Any) -> bool:
+def ray_init(cfg: RLRun) -> bool:
     """Join or start Ray; True when this call connected (the caller shuts it down).
 
     - Ray already initialised in this process (tests, Tune trials): used as it is.
@@ -123,7 +122,7 @@ def ray_init(cfg: Any) -> bool:
     return True
 
 
-def run_rl(cfg: Any, callbacks: Sequence[Any] | None = None) -> dict[str, Any]:
+def run_rl(cfg: RLRun, callbacks: Sequence[Any] | None = None) -> dict[str, Any]:
     """Driver of ``medrl rl train``: actors, reward service, the TorchTrainer.
 
     ``callbacks`` go to the trainer's ``RunConfig`` (``medrl tune`` passes Tune's

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from rl.config import TuneConfig
+from rl.config import RLRun, TuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _trial(
 
 
 def run_tune(
-    cfg: Any,
+    cfg: RLRun,
     make_config: Callable[[list[str]], Any],
     prepare: Callable[[Any], Any],
     base_overrides: Sequence[str],

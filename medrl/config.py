@@ -32,35 +32,13 @@ from rl.config import RLConfig, TuneConfig
 from runfiles import atomic_write_text
 from runfiles.config import (  # noqa: F401 - the config API, composed here
     ConfigError,
+    RunSection,
     build,
     parse_overrides,
     set_dotted,
     to_dict,
     type_name,
 )
-
-
-@dataclass(frozen=True)
-class RunSection:
-    """Where a run lives and how it is seeded."""
-
-    name: str = field(
-        default="demo", metadata={"help": "run name: runs/<name>/; the same name resumes"}
-    )
-    root: str = field(default="runs", metadata={"help": "directory holding run directories"})
-    seed: int = field(
-        default=0, metadata={"help": "global seed (data order, noise, init)", "min": 0}
-    )
-    device: str = field(
-        default="auto",
-        metadata={"help": "torch device for single-process commands: auto, cpu, cuda, cuda:N"},
-    )
-
-    def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name in {".", ".."}:
-            raise ConfigError(
-                f"run.name: {self.name!r} is not a valid run name (no '/', not empty)"
-            )
 
 
 @dataclass(frozen=True)

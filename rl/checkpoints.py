@@ -16,13 +16,12 @@ from typing import Any
 
 import torch
 
+from rl.config import RLRun
 from rl.gold import selection_score
 from rl.learner import Learner, save_rng_state
 from rl.records import finite
 from runfiles import atomic_write_text, commit_folder, prune_checkpoints, read_latest, write_latest
 
-# ``cfg`` is medrl's composed RunConfig (``run``, ``data``, ``lora``, ``sampling``,
-# ``rewards``, ``rl`` sections), typed ``Any``: rl does not import medrl.
 log = logging.getLogger(__name__)
 
 
@@ -152,7 +151,7 @@ def write_rank_record(run_dir: Path, learner: Learner, record: dict[str, Any]) -
     return out
 
 
-def export_adapter(learner: Learner, run_dir: Path, cfg: Any) -> Path:
+def export_adapter(learner: Learner, run_dir: Path, cfg: RLRun) -> Path:
     from generators.lora import save_adapter
 
     out = run_dir / RL_DIR / "adapter"

@@ -12,9 +12,12 @@ a tiny model in that budget.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Protocol
 
-from runfiles.config import setting
+from generators.config import DataConfig, LoraConfig, ModelConfig, SamplingConfig
+from rewards.config import RewardsConfig
+from runfiles.config import RunSection, setting
 
 
 @dataclass(frozen=True)
@@ -175,3 +178,20 @@ class TuneConfig:
         "loguniform, randint (high exclusive), choice; keys are dotted config keys",
     )
     out: str = setting("", "where results.csv and best.yaml go; empty: runs/<run.name>/tune")
+
+
+class RLRun(Protocol):
+    """The sections of a run's config that the RL loop, its driver and Tune read: medrl's
+    composed ``RunConfig`` has them (rl does not import medrl, so it states what it needs
+    here instead of taking the whole config as ``Any``)."""
+
+    run: RunSection
+    data: DataConfig
+    model: ModelConfig
+    lora: LoraConfig
+    sampling: SamplingConfig
+    rewards: RewardsConfig
+    rl: RLConfig
+
+    @property
+    def run_dir(self) -> Path: ...

@@ -14,17 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rl.config import RLRun
 from rl.samplers import SampleRequest
 
-# ``cfg`` is medrl's composed RunConfig (``run``, ``data``, ``lora``, ``sampling``,
-# ``rewards``, ``rl`` sections), typed ``Any``: rl does not import medrl.
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-def resolve_inputs(cfg: Any) -> dict[str, Any]:
+def resolve_inputs(cfg: RLRun) -> dict[str, Any]:
     """Generator dir, reward spec, training and evaluation prompts; clear errors if absent."""
     run_dir = cfg.run_dir.resolve()
     gen_dir = Path(cfg.rl.generator) if cfg.rl.generator else run_dir / "generator"
@@ -56,7 +55,7 @@ def resolve_inputs(cfg: Any) -> dict[str, Any]:
     }
 
 
-def _gold_reference(cfg: Any) -> list[str]:
+def _gold_reference(cfg: RLRun) -> list[str]:
     """Held-out real images (val split of data.manifest) that ``fd_real`` compares against."""
     from generators.datasets import read_manifest
 
@@ -68,7 +67,7 @@ def _gold_reference(cfg: Any) -> list[str]:
     return [str(p) for p in (held_out if len(held_out) else table).path][: cfg.rl.gold_reference]
 
 
-def _prompts(cfg: Any) -> tuple[list[str], list[str]]:
+def _prompts(cfg: RLRun) -> tuple[list[str], list[str]]:
     from generators.datasets import read_manifest
 
     eval_prompts: list[str] = []

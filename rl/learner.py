@@ -83,7 +83,7 @@ class BatchPlan:
         )
 
 
-def batch_plan(samples: int, world: int, cfg: Any, eligible_steps: int) -> BatchPlan:
+def batch_plan(samples: int, world: int, cfg: RLConfig, eligible_steps: int) -> BatchPlan:
     """The :class:`BatchPlan` of ``samples`` on ``world`` ranks under ``cfg`` (``rl.*``);
     asserts that every sample lands on exactly one rank and every micro-batch in exactly
     one optimizer step."""

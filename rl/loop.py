@@ -44,6 +44,7 @@ from rl.checkpoints import (
     latest_rl_checkpoint,
     write_rank_record,
 )
+from rl.config import RLRun
 from rl.gold import make_gold_judge
 from rl.inputs import iteration_requests
 from rl.learner import Learner, group_advantages, load_rng_state
@@ -54,8 +55,6 @@ from rl.trajectories import Trajectories
 from runfiles import METRICS_FILE, append_metrics
 from runfiles.config import to_dict
 
-# ``cfg`` is medrl's composed RunConfig (``run``, ``data``, ``lora``, ``sampling``,
-# ``rewards``, ``rl`` sections), typed ``Any``: rl does not import medrl.
 log = logging.getLogger(__name__)
 
 
@@ -123,7 +122,7 @@ class IterationLog:
 
 
 def run_iterations(
-    cfg: Any,
+    cfg: RLRun,
     inputs: dict[str, Any],
     learner: Learner,
     backend: Backend | None,
@@ -222,7 +221,7 @@ def judge_version(
     return images
 
 
-def judges(cfg: Any, inputs: dict[str, Any], learner: Learner) -> tuple[Any, BestAdapter]:
+def judges(cfg: RLRun, inputs: dict[str, Any], learner: Learner) -> tuple[Any, BestAdapter]:
     """Rank 0's gold judge (None for ``rl.gold=none``) and the best-adapter keeper."""
     gold = make_gold_judge(cfg.rl.gold, inputs.get("gold_reference", []), cfg.model.resolution)
     best = BestAdapter(
@@ -234,7 +233,7 @@ def judges(cfg: Any, inputs: dict[str, Any], learner: Learner) -> tuple[Any, Bes
     return gold, best
 
 
-def save_checkpoint(learner: Learner, ckpt_root: Path, done: int, cfg: Any) -> Path:
+def save_checkpoint(learner: Learner, ckpt_root: Path, done: int, cfg: RLRun) -> Path:
     """Collective: the checkpoint after ``done`` iterations (what :func:`resume` reads)."""
     state = {
         "iterations_done": done,
@@ -308,7 +307,7 @@ def _mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
 
 
 def run_local(
-    cfg: Any,
+    cfg: RLRun,
     inputs: dict[str, Any],
     reward: Any = None,
     learner_seed: int = 0,

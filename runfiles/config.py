@@ -22,6 +22,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import field
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -213,3 +214,31 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"{key}: cannot read value {raw!r}: {exc}") from None
         parsed.append((key, value))
     return parsed
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection:
+    """Where a run lives and how it is seeded."""
+
+    name: str = field(
+        default="demo", metadata={"help": "run name: runs/<name>/; the same name resumes"}
+    )
+    root: str = field(default="runs", metadata={"help": "directory holding run directories"})
+    seed: int = field(
+        default=0, metadata={"help": "global seed (data order, noise, init)", "min": 0}
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": "torch device for single-process commands: auto, cpu, cuda, cuda:N"},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name in {".", ".."}:
+            raise ConfigError(
+                f"run.name: {self.name!r} is not a valid run name (no '/', not empty)"
+            )
+
+    @property
+    def run_dir(self) -> Path:
+        """``root/name``: the run's directory."""
+        return Path(self.root) / self.name

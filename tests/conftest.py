@@ -27,6 +27,14 @@ def tiny_gen(tiny_cfg):
     return build_generator(tiny_cfg.model, seed=0)
 
 
+@pytest.fixture(scope="session")
+def rl_generator_dir(tmp_path_factory):
+    """The RL and cluster tests' tiny generator (tests/rl/conftest.py builds it), once."""
+    from tests.rl.conftest import build_rl_generator
+
+    return build_rl_generator(tmp_path_factory.mktemp("rlgen"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _ray_down_at_the_end():
     """Ray's driver connection closed before the interpreter finalizes (a module fixture

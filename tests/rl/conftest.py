@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -89,8 +88,3 @@ def build_rl_generator(root: Path, vae_steps: int = 120) -> Path:
     finally:
         torch.set_num_threads(threads)
     return gen.save(root / "generator")
-
-
-@pytest.fixture(scope="session")
-def rl_generator_dir(tmp_path_factory) -> Path:
-    return build_rl_generator(tmp_path_factory.mktemp("rlgen"))

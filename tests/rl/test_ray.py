@@ -117,6 +117,33 @@ def _kill_during_draw(ray, handles, requests, version, ref, chunk):
     return traj, meta, seen, first[0]
 
 
+def test_ray_backend_scores_each_chunk_while_the_rest_draw(ray_local, samplers, adapters):
+    """Scoring overlaps drawing: every chunk goes to the reward service as it comes back,
+    and the collected scores equal one call over the batch."""
+    from rewards.service import score_with_services, start_reward_services
+    from rl.rollout import RayBackend
+
+    rewards = start_reward_services("brightness", {"service_batch_size": 4}, num_cpus=0.5)
+    try:
+        backend = RayBackend(samplers, rewards, chunk=2)
+        traj = backend.draw(_requests(8, "overlap"), 1, adapters[1])
+        # the actor runs calls in order: info() answers after every call submitted before it,
+        # so the four chunk calls were submitted during draw(), before score() was called
+        assert ray_local.get(rewards[0].info.remote())["calls"] == 4
+        overlapped = backend.score(traj)
+        whole = score_with_services(rewards, traj.images, traj.prompts, traj.ids)
+        assert not overlapped.errors and set(overlapped.scores) == set(traj.ids)
+        for sid, score in whole.scores.items():  # a mean over a copy or a slice: last bits
+            assert overlapped.scores[sid].reward == pytest.approx(score.reward, abs=1e-6)
+            assert overlapped.scores[sid].passed == score.passed
+        assert ray_local.get(rewards[0].info.remote())["calls"] == 4 + 1
+        part = traj.select([0, 1])  # not what draw() returned: scored in one call
+        assert set(backend.score(part).scores) == set(part.ids)
+    finally:
+        for handle in rewards:
+            ray_local.kill(handle)
+
+
 def _info(ray, handle, timeout: float = 120.0) -> dict:
     """``info()`` of an actor that may still be restarting (without Ray's retries a call
     to a restarting actor fails at once)."""
