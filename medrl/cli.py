@@ -279,7 +279,8 @@ def cmd_ratings_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_rewards_train(args: argparse.Namespace) -> int:
-    from rewards.training import format_report, train_rewards
+    from rewards.training import train_rewards
+    from rewards.training_report import format_report
 
     cfg = _load(args)
     ratings = args.ratings or cfg.rewards.ratings_db
@@ -366,22 +367,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from generators.finetune import finetune
-    from medrl.config import to_dict
-    from medrl.runs import prepare_run_dir
+    from medrl.runs import finetune_run
 
-    cfg = _load(args)
-    run_dir = prepare_run_dir(cfg)
-    result = finetune(
-        run_dir,
-        cfg.model,
-        cfg.data,
-        cfg.finetune,
-        cfg.sampling,
-        seed=cfg.run.seed,
-        device=cfg.run.device,
-        resolved_config=to_dict(cfg),
-    )
+    result = finetune_run(_load(args))
     print(f"fine-tuned generator: {result}")
     return 0
 

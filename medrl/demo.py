@@ -35,15 +35,14 @@ from typing import Any
 
 import pandas as pd
 
-from medrl.config import RunConfig, to_dict
-from medrl.runs import prepare_run_dir, print_proxy_and_gold
+from medrl.config import RunConfig
+from medrl.runs import finetune_run, prepare_run_dir, print_proxy_and_gold
 
 log = logging.getLogger(__name__)
 
 
 def run_demo(cfg: RunConfig) -> dict[str, Path]:
     from generators.datasets import ingest_csv, read_manifest
-    from generators.finetune import finetune
     from generators.generate import generate_images
     from generators.model import load_generator, resolve_device
     from generators.phantom_dataset import write_demo_dataset
@@ -71,16 +70,7 @@ def run_demo(cfg: RunConfig) -> dict[str, Path]:
 
     run_dir = prepare_run_dir(cfg)
     log.info("step 3/8: fine-tuning the generator in %s", run_dir)
-    result = finetune(
-        run_dir,
-        cfg.model,
-        cfg.data,
-        cfg.finetune,
-        cfg.sampling,
-        seed=cfg.run.seed,
-        device=cfg.run.device,
-        resolved_config=to_dict(cfg),
-    )
+    result = finetune_run(cfg, run_dir)
 
     log.info("step 4/8: sampling held-out prompts")
     table = read_manifest(manifest)
@@ -137,7 +127,8 @@ def _ingest(csv: Path, db: Path, images_from: Path | None = None) -> None:
 
 
 def _train(cfg: RunConfig, db: Path, out: Path) -> Path:
-    from rewards.training import format_report, train_rewards
+    from rewards.training import train_rewards
+    from rewards.training_report import format_report
 
     if (out / "report.json").is_file():
         log.info("reward models already in %s", out)

@@ -36,6 +36,19 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
+def finetune_run(cfg: RunConfig, run_dir: Path | None = None):
+    """``medrl finetune`` on a composed config: the run's folder prepared (unless given),
+    the generator fine-tuned with the model, data, finetune and sampling sections, the
+    resolved config stored with it. Returns :func:`generators.finetune.finetune`'s result."""
+    from generators.finetune import finetune
+
+    run_dir = prepare_run_dir(cfg) if run_dir is None else run_dir
+    sections = (cfg.model, cfg.data, cfg.finetune, cfg.sampling)
+    return finetune(
+        run_dir, *sections, seed=cfg.run.seed, device=cfg.run.device, resolved_config=to_dict(cfg)
+    )
+
+
 def print_proxy_and_gold(records: list[dict], run_dir: Path) -> None:
     """Proxy and gold by adapter version, the hacking verdict, and where rl/best is."""
     from eval.overoptimisation import format_version_table, proxy_gold_verdict

@@ -27,452 +27,56 @@ alignment policy trains on all rated (image, prompt) pairs (stage 1), then only 
 those whose selector score passes the threshold (stage 2). The report compares both
 objectives on held-out ratings (split by image): Spearman and Pearson correlation,
 mean absolute error, and the accuracy of the pass/fail decision at the threshold.
+
+This module is the entry point (:func:`train_rewards`); the losses are in
+:mod:`rewards.objectives`, the ratings as data in :mod:`rewards.rating_data`, fitting one
+model in :mod:`rewards.training_fit`, the held-out metrics and the report's table in
+:mod:`rewards.training_report`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
-from scipy import stats
-from tqdm.auto import tqdm
 
-from generators.images import ImageDecodeError, load_image, resize, to_tensor
 from generators.model import build_tokenizer, resolve_device
 from rewards.config import RewardsConfig
-from rewards.contrastive import load_manifest_pairs, pretrain_towers, swap_eye
+from rewards.contrastive import load_manifest_pairs, pretrain_towers
 from rewards.models import WEIGHTS_FILE, AlignmentPolicy, QualitySelector, RewardModel
 from rewards.ood import fit_ood_guard, selector_features
-from rewards.ratings import latest_per_rater, read_ratings
-from rewards.sheet import ASPECT_MAX
-from rewards.towers import PolicyOutput, vision_input_size
+from rewards.rating_data import (
+    holdout_split,
+    image_source,
+    load_images,
+    rating_targets,
+)
+from rewards.ratings import read_ratings
+from rewards.towers import vision_input_size
+from rewards.training_fit import Batchable, fit
+from rewards.training_report import (
+    agreement_by_source,
+    agreement_metrics,
+    eye_swap_detection,
+    predict,
+)
 from runfiles import atomic_path, atomic_write_text
+from runfiles.config import to_dict
 
 log = logging.getLogger(__name__)
 
-#: Sampled scores are kept this far from 0 and 1 (the Beta log-density is finite there).
-SCORE_EPS = 1e-6
 REPORT_FILE = "report.json"
-
-
-# --------------------------------------------------------------------------- losses
-
-
-def agreement_reward(
-    score: torch.Tensor, target: torch.Tensor, kind: str = "absolute"
-) -> torch.Tensor:
-    """Reward of sampled scores against the rating: 1 - |s - y| or 1 - (s - y)^2, in [0, 1]."""
-    if kind == "absolute":
-        return 1.0 - (score - target).abs()
-    if kind == "squared":
-        return 1.0 - (score - target) ** 2
-    raise ValueError(f"unknown reward {kind!r}; allowed: 'absolute', 'squared'")
-
-
-def policy_gradient_loss(
-    dist: torch.distributions.Distribution, sample: torch.Tensor, advantage: torch.Tensor
-) -> torch.Tensor:
-    """REINFORCE surrogate -mean(A.detach() * log pi(s)): its gradient is the estimator."""
-    return -(advantage.detach() * dist.log_prob(sample)).mean()
-
-
-def reinforce_loss(
-    out: PolicyOutput,
-    target: torch.Tensor,
-    *,
-    num_samples: int = 4,
-    entropy_coef: float = 1e-3,
-    value_coef: float = 0.5,
-    reward: str = "absolute",
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Policy gradient with the learned value baseline, entropy bonus and value loss.
-
-    ``out`` holds (B,) alpha, beta and value; ``target`` (B,) ratings in [0, 1].
-    Returns the loss and its parts (floats) for logging.
-    """
-    dist = out.distribution()
-    with torch.no_grad():
-        sample = dist.sample((num_samples,)).clamp(SCORE_EPS, 1.0 - SCORE_EPS)  # (K, B)
-        r = agreement_reward(sample, target.expand_as(sample), reward)
-    value = out.value.unsqueeze(0).expand_as(r)  # V(x) does not depend on the sample
-    advantage = r - value.detach()
-    pg = policy_gradient_loss(dist, sample, advantage)
-    entropy = dist.entropy().mean()
-    value_loss = F.mse_loss(value, r)
-    loss = pg - entropy_coef * entropy + value_coef * value_loss
-    return loss, {
-        "loss": float(loss.detach()),
-        "reward": float(r.mean()),
-        "advantage_std": float(advantage.std()) if advantage.numel() > 1 else 0.0,
-        "entropy": float(entropy.detach()),
-        "value_loss": float(value_loss.detach()),
-    }
-
-
-def ranking_loss(
-    out: PolicyOutput, target: torch.Tensor, pair_weight: float = 1.0
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """BCE of the mean score against the rating plus a pairwise ranking loss.
-
-    For every two pairs of the batch with different ratings y_i > y_j the logistic loss
-    softplus(-(l_i - l_j)) of the score logits l = log(alpha / beta) (the logit of the
-    mean) pushes the better-rated pair's score above the other's; the BCE term keeps the
-    scores on the rating scale.
-    """
-    mean = out.mean.clamp(SCORE_EPS, 1 - SCORE_EPS)
-    bce = F.binary_cross_entropy(mean, target)
-    logit = out.alpha.log() - out.beta.log()
-    better = (target[:, None] - target[None, :]) > 1e-6  # (i, j): y_i > y_j
-    if better.any():
-        diff = logit[:, None] - logit[None, :]
-        rank = F.softplus(-diff[better]).mean()
-    else:
-        rank = logit.sum() * 0.0
-    loss = bce + pair_weight * rank
-    return loss, {"loss": float(loss.detach()), "bce": float(bce.detach()),
-                  "rank": float(rank.detach())}  # fmt: skip
-
-
-def regression_loss(
-    out: PolicyOutput, target: torch.Tensor, kind: str = "mse"
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Supervised baseline: MSE (or BCE) between the mean score and the rating."""
-    mean = out.mean
-    if kind == "mse":
-        loss = F.mse_loss(mean, target)
-    elif kind == "bce":
-        loss = F.binary_cross_entropy(mean.clamp(SCORE_EPS, 1 - SCORE_EPS), target)
-    else:
-        raise ValueError(f"unknown regression loss {kind!r}; allowed: 'mse', 'bce'")
-    return loss, {"loss": float(loss.detach())}
-
-
-# --------------------------------------------------------------------------- data
-
-
-def rating_targets(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per rated (image_path, prompt): the targets in [0, 1] and rater counts.
-
-    Each rater's latest rating counts once; several raters are averaged. ``quality`` is
-    the normalised rating (r - 1) / 2; ``alignment`` is prompt_faithfulness / 10 where a
-    rating gives it, else the normalised rating (a CS787 CSV has only the one rating).
-    """
-    if frame.empty:
-        raise ValueError("no ratings to train on")
-    latest = latest_per_rater(frame)
-    faithful = latest["prompt_faithfulness"] / ASPECT_MAX
-    latest = latest.assign(
-        quality=latest["rating_norm"],
-        alignment=faithful.fillna(latest["rating_norm"]),
-        from_faithfulness=faithful.notna(),
-    )
-    grouped = latest.groupby(["image_path", "prompt"], sort=False)
-    out = grouped.agg(
-        quality=("quality", "mean"),
-        alignment=("alignment", "mean"),
-        raters=("rater_id", "nunique"),
-        from_faithfulness=("from_faithfulness", "sum"),
-    )
-    return out.reset_index()
-
-
-def image_source(generator_ckpt: str) -> str:
-    """Where a rated image came from, by its ``generator_ckpt``: ``phantom`` (empty or
-    ``phantom``), ``real``, ``reconstruction`` (``vae:...``) or ``generated`` (a generator
-    checkpoint or adapter)."""
-    ckpt = str(generator_ckpt or "").strip()
-    if ckpt in ("", "phantom"):
-        return "phantom"
-    if ckpt == "real":
-        return "real"
-    return "reconstruction" if ckpt.startswith("vae:") else "generated"
-
-
-def agreement_by_source(
-    pred: np.ndarray, target: np.ndarray, sources: Sequence[str], threshold: float
-) -> dict[str, dict[str, Any]]:
-    """:func:`agreement_metrics` of each image source apart (where it has held-out items)."""
-    sources = np.asarray(sources)
-    return {
-        src: agreement_metrics(pred[sources == src], target[sources == src], threshold)
-        for src in sorted(set(sources.tolist()))
-    }
-
-
-def holdout_split(
-    image_paths: Sequence[str], fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, held out), split by image so one image never lands in both.
-
-    An image is held out when a hash of (``seed``, its path) falls below ``fraction``, so
-    its side never depends on the other images: a retraining on more ratings (the next
-    rating round, ``rewards.init_from``) keeps every held-out image held out. With two or
-    more images and ``fraction`` > 0, each side gets at least one.
-    """
-    unique = sorted(set(image_paths))
-    if not unique:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    u = np.array(
-        [
-            int.from_bytes(hashlib.sha256(f"{seed}\0{p}".encode()).digest()[:8], "big") / 2**64
-            for p in unique
-        ]
-    )
-    is_held_u = u < fraction
-    if fraction > 0 and len(unique) > 1:
-        if not is_held_u.any():
-            is_held_u[np.argmin(u)] = True
-        if is_held_u.all():
-            is_held_u[np.argmax(u)] = False
-    held = {p for p, h in zip(unique, is_held_u, strict=True) if h}
-    is_held = np.array([p in held for p in image_paths], dtype=bool)
-    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
-
-
-def resolve_image(root: Path, image_path: str) -> Path:
-    """An image_path from the ratings, resolved against ``root`` (absolute paths kept)."""
-    path = Path(image_path)
-    return path if path.is_absolute() else root / path
-
-
-def load_images(root: Path, image_paths: Sequence[str], size: int) -> torch.Tensor:
-    """All images as uint8 (N, 3, size, size); every missing or broken file named at once."""
-    out = torch.empty((len(image_paths), 3, size, size), dtype=torch.uint8)
-    problems: list[str] = []
-    for i, rel in enumerate(
-        tqdm(image_paths, desc="loading rated images", unit="img", mininterval=1.0)
-    ):
-        try:
-            x = resize(to_tensor(load_image(resolve_image(root, rel))), size)
-        except (FileNotFoundError, ImageDecodeError) as exc:
-            problems.append(f"{rel}: {exc}")
-            continue
-        out[i] = x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ValueError(
-            f"{len(problems)} rated image(s) cannot be read under images root {root}:\n  {shown}{more}"
-        )
-    return out
-
-
-def _pixels(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images_u8.to(device).float().div(127.5).sub(1.0)
-
-
-# --------------------------------------------------------------------------- fitting
-
-
-@dataclasses.dataclass
-class Batchable:
-    """Inputs of one model for N items, indexable by a tensor of positions."""
-
-    images: torch.Tensor  # uint8 (N, 3, S, S)
-    target: torch.Tensor  # float (N,)
-    input_ids: torch.Tensor | None = None
-    attention_mask: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.target)
-
-    def inputs(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        x = {"pixel_values": _pixels(self.images[idx], device)}
-        if self.input_ids is not None and self.attention_mask is not None:
-            x["input_ids"] = self.input_ids[idx].to(device)
-            x["attention_mask"] = self.attention_mask[idx].to(device)
-        return x
-
-    def images_only(self) -> Batchable:
-        """The same items without prompts (what the selector takes)."""
-        return Batchable(self.images, self.target)
-
-    def subset(self, idx: np.ndarray) -> Batchable:
-        t = torch.as_tensor(idx, dtype=torch.long)
-        return Batchable(
-            self.images[t],
-            self.target[t],
-            None if self.input_ids is None else self.input_ids[t],
-            None if self.attention_mask is None else self.attention_mask[t],
-        )
-
-
-def fit(
-    model: RewardModel,
-    data: Batchable,
-    cfg: RewardsConfig,
-    objective: str,
-    epochs: int,
-    *,
-    device: torch.device,
-    desc: str,
-    seed: int,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-    tower_lr_scale: float = 1.0,
-) -> dict[str, Any]:
-    """Train ``model`` on ``data`` for ``epochs`` with ``objective``; returns statistics.
-
-    ``on_epoch(epoch, mean losses)`` is called after every epoch (logging, evaluation).
-    ``tower_lr_scale`` scales the learning rate of the backbones (ViT, text encoder),
-    e.g. to keep what contrastive pre-training taught them.
-    """
-    if len(data) == 0 or epochs == 0:
-        return {"epochs": 0, "steps": 0, "items": len(data)}
-    model.train()
-    towers = [*model.vit.parameters()]
-    if isinstance(model, AlignmentPolicy):
-        towers += [*model.text_encoder.parameters()]
-    tower_ids = {id(p) for p in towers}
-    heads = [p for p in model.parameters() if id(p) not in tower_ids]
-    opt = torch.optim.AdamW(
-        [{"params": heads}, {"params": towers, "lr": cfg.lr * tower_lr_scale}],
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-    )
-    total = epochs * math.ceil(len(data) / cfg.batch_size)
-    warmup = max(1, total // 20)
-
-    def schedule(step: int) -> float:  # linear warm-up over 5% of the steps, cosine to 10%
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    order_rng = np.random.default_rng([seed, 3])
-    target = data.target.to(device)
-    steps, history = 0, []
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", mininterval=1.0)
-    for _ in bar:
-        sums: dict[str, float] = {}
-        batches = 0
-        order = torch.as_tensor(order_rng.permutation(len(data)))
-        for start in range(0, len(data), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            out = model(**data.inputs(idx, device))
-            if objective == "reinforce":
-                loss, parts = reinforce_loss(
-                    out,
-                    target[idx.to(device)],
-                    num_samples=cfg.num_samples,
-                    entropy_coef=cfg.entropy_coef,
-                    value_coef=cfg.value_coef,
-                    reward=cfg.reward,
-                )
-            elif objective == "regression":
-                loss, parts = regression_loss(out, target[idx.to(device)], cfg.regression_loss)
-            elif objective == "ranking":
-                loss, parts = ranking_loss(out, target[idx.to(device)])
-            else:
-                raise ValueError(
-                    f"unknown objective {objective!r}; allowed: reinforce, regression, ranking"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            steps += 1
-            batches += 1
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-        epoch_stats = {k: v / max(batches, 1) for k, v in sums.items()}
-        history.append(epoch_stats)
-        if on_epoch is not None:
-            on_epoch(len(history), epoch_stats)
-            model.train()
-        bar.set_postfix({k: f"{v:.3f}" for k, v in epoch_stats.items() if k in ("loss", "reward")})
-    model.eval()
-    return {"epochs": epochs, "steps": steps, "items": len(data), "last_epoch": history[-1]}
-
-
-@torch.no_grad()
-def predict(
-    model: RewardModel, data: Batchable, device: torch.device, batch_size: int = 64
-) -> np.ndarray:
-    """Scores (the policy means) for every item, in eval mode."""
-    model.eval()
-    out = []
-    for start in range(0, len(data), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(data)))
-        out.append(model(**data.inputs(idx, device)).mean.float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0)
-
-
-def agreement_metrics(pred: np.ndarray, target: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Spearman, Pearson, MAE and pass/fail accuracy (score >= threshold vs rating >= threshold)."""
-    pred, target = np.asarray(pred, float), np.asarray(target, float)
-
-    def corr(fn: Callable) -> float | None:
-        if len(pred) < 3 or np.ptp(pred) == 0 or np.ptp(target) == 0:
-            return None
-        value = float(fn(pred, target)[0])
-        return value if math.isfinite(value) else None
-
-    return {
-        "n": int(len(pred)),
-        "spearman": corr(stats.spearmanr),
-        "pearson": corr(stats.pearsonr),
-        "mae": float(np.abs(pred - target).mean()) if len(pred) else None,
-        "pass_accuracy": float(((pred >= threshold) == (target >= threshold)).mean())
-        if len(pred)
-        else None,
-    }
-
-
-@torch.no_grad()
-def eye_swap_detection(
-    policy: AlignmentPolicy,
-    data: Batchable,
-    prompts: Sequence[str],
-    device: torch.device,
-    batch_size: int = 64,
-) -> dict[str, Any]:
-    """How the policy scores held-out images with their prompt's eye swapped.
-
-    Over the pairs of ``data`` rated fully faithful (target 1) whose prompt names an eye:
-    ``lower`` is the share where the swapped prompt scores below the true one,
-    ``below_half`` where it scores below 0.5, ``detected`` where either holds.
-    """
-    keep = [
-        i
-        for i, p in enumerate(prompts)
-        if i < len(data) and float(data.target[i]) >= 1.0 - 1e-6 and swap_eye(p) is not None
-    ]
-    if not keep:
-        return {"n": 0, "lower": None, "below_half": None, "detected": None}
-    policy.eval()
-    true_s, swap_s = [], []
-    for start in range(0, len(keep), batch_size):
-        idx = keep[start : start + batch_size]
-        pixels = _pixels(data.images[torch.as_tensor(idx)], device)
-        true_s.append(policy(pixels, **policy.tokenize([prompts[i] for i in idx])).mean.cpu())
-        swapped = [swap_eye(prompts[i]) for i in idx]
-        swap_s.append(policy(pixels, **policy.tokenize(swapped)).mean.cpu())
-    true, swap = torch.cat(true_s).numpy(), torch.cat(swap_s).numpy()
-    lower, below = swap < true, swap < 0.5
-    return {
-        "n": len(keep),
-        "lower": float(lower.mean()),
-        "below_half": float(below.mean()),
-        "detected": float((lower | below).mean()),
-        "mean_true": float(true.mean()),
-        "mean_swapped": float(swap.mean()),
-    }
 
 
 # --------------------------------------------------------------------------- entry point
@@ -612,7 +216,7 @@ _NOT_PRETRAIN = frozenset(
 
 def pretrain_key(cfg: RewardsConfig, pairs: tuple[torch.Tensor, list[str]]) -> str:
     """Hash of the pre-training pairs (pixels, prompts) and the settings that shape them."""
-    settings = {k: v for k, v in _config_dict(cfg).items() if k not in _NOT_PRETRAIN}
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_PRETRAIN}
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     h.update(json.dumps(list(pairs[1])).encode())
     h.update(pairs[0].contiguous().numpy().tobytes())
@@ -741,7 +345,7 @@ def train_rewards(
     out = Path(out_dir)
     results: dict[str, Any] = {}
     checkpoints: dict[str, dict[str, str]] = {}
-    config_dict = _config_dict(cfg)
+    config_dict = to_dict(cfg)
     for objective in objectives:
         result, selector, policy = _train_one_objective(
             objective, cfg, sel_train, sel_test, ali_train, ali_test, dev,
@@ -810,85 +414,3 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b <= 0:
         return None
     return a / b
-
-
-def _config_dict(cfg: RewardsConfig) -> dict[str, Any]:
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(cfg)
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The held-out table of a :func:`train_rewards` report, as text."""
-
-    def num(x: float | None, fmt: str = ".3f") -> str:
-        return "-" if x is None else format(x, fmt)
-
-    lines = [
-        f"{report['ratings']} ratings, {report['pairs']} (image, prompt) pairs, "
-        f"{report['images']} images; held out: {report['heldout_images']} images / "
-        f"{report['heldout_pairs']} pairs; threshold {report['threshold']}",
-        f"{'objective':<11} {'model':<10} {'spearman':>8} {'pearson':>8} {'MAE':>6} {'pass acc':>8} {'s':>6}",
-    ]
-    for objective, result in report["results"].items():
-        for model in ("selector", "alignment"):
-            m = result[model]
-            lines.append(
-                f"{objective:<11} {model:<10} {num(m['spearman']):>8} {num(m['pearson']):>8} "
-                f"{num(m['mae']):>6} {num(m['pass_accuracy']):>8} {m['seconds']:>6}"
-            )
-    for objective, result in report["results"].items():
-        ali = result["alignment"]
-        pre = ali.get("pretrain") or {}
-        if pre.get("epochs"):
-            last = pre.get("last_epoch", {})
-            lines.append(
-                f"{objective}: alignment towers pre-trained contrastively on {pre['pairs']} "
-                f"pairs of {pre.get('manifest')} for {pre['epochs']} epochs "
-                f"({pre.get('seconds')} s; last epoch loss {num(last.get('loss'))}, "
-                f"eye accuracy {num(last.get('eye_accuracy'))})"
-                + (f"; loaded from {pre['cached']}" if pre.get("cached") else "")
-            )
-        if pre.get("init_from"):
-            lines.append(
-                f"{objective}: selector and alignment policy continued from {pre['init_from']} "
-                f"(rewards.init_from; selector {result['selector']['train'].get('epochs')}, "
-                f"alignment {ali['stage1'].get('epochs')} + {ali['stage2'].get('epochs')} epochs)"
-            )
-        swap = ali.get("eye_swap") or {}
-        if swap.get("n"):
-            lines.append(
-                f"{objective}: alignment ({ali.get('fusion')} fusion, {ali.get('objective')}) "
-                f"scores the eye-swapped prompt lower on {num(swap['lower'])} and below 0.5 on "
-                f"{num(swap['below_half'])} of {swap['n']} held-out faithful pairs "
-                f"(detected {num(swap['detected'])})"
-            )
-    main = report["results"].get(report["objective"], {})
-    for model in ("selector", "alignment"):
-        by_source = (main.get(model) or {}).get("by_source") or {}
-        if len(by_source) > 1:  # one source: the table above already says it
-            lines.append(
-                f"{report['objective']}: {model} held-out Spearman by image source: "
-                + ", ".join(
-                    f"{src} {num(m['spearman'], '.2f')} (n={m['n']})"
-                    for src, m in by_source.items()
-                )
-            )
-    guard = report.get("ood_guard")
-    if guard:
-        lines.append(
-            f"OOD guard: fitted on the selector features of {guard['pool_size']} rated images, "
-            f"edge {guard['edge']:.2f} (the pool's {guard['quantile']:g} quantile distance)"
-        )
-    ratio = report.get("reinforce_over_regression")
-    if ratio:
-        lines.append(
-            "REINFORCE / regression Spearman: "
-            + ", ".join(f"{k} {num(v, '.2f')}" for k, v in ratio.items())
-        )
-    return "\n".join(lines)

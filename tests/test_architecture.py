@@ -29,14 +29,12 @@ MAX_FILE_LINES, MAX_FUNCTION_LINES = 500, 80
 #: what is still over them (the redesign's debt, docs/architecture.md), at today's size:
 #: an entry may shrink or go, never grow, and nothing new may join it
 LONG_FILES = {
-    "generators/datasets.py": 620,
+    "generators/datasets.py": 615,
     "generators/finetune.py": 692,
     "rewards/ratings.py": 727,
-    "rewards/training.py": 904,
     "rewards/workbench/store.py": 620,
-    "eval/evaluate.py": 843,
-    "eval/report.py": 902,
-    "medrl/cli.py": 918,
+    "eval/evaluate.py": 842,
+    "medrl/cli.py": 906,
 }
 LONG_FUNCTIONS = {
     "generators/converters.py:convert_labels": 98,
@@ -45,10 +43,10 @@ LONG_FUNCTIONS = {
     "generators/finetune.py:finetune": 171,
     "generators/fundus_measure.py:measure": 85,
     "rewards/contrastive.py:pretrain_towers": 92,
-    "rewards/pools.py:write_generated_pool": 210,
+    "rewards/pools.py:write_generated_pool": 200,
     "rewards/ratings.py:ingest_ratings": 100,
-    "rewards/rounds.py:export_round": 120,
-    "rewards/training.py:fit": 87,
+    "rewards/rounds.py:export_round": 110,
+    "rewards/training_fit.py:fit": 87,
     "rewards/training.py:_train_one_objective": 91,
     "rewards/training.py:train_rewards": 151,
     "rewards/workbench/app.py:create_app": 86,
@@ -57,11 +55,10 @@ LONG_FUNCTIONS = {
     "eval/evaluate.py:evaluate": 355,
     "eval/example.py:write_example": 81,
     "eval/privacy.py:privacy_report": 114,
-    "eval/report.py:svg_line_chart": 89,
+    "eval/charts.py:svg_line_chart": 89,
     "cluster/driver.py:run_rl": 86,
     "cluster/tune.py:run_tune": 140,
     "medrl/cli.py:build_parser": 354,
-    "medrl/demo.py:run_demo": 85,
 }
 
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+from eval.charts import curve_series, svg_line_chart
 from eval.distances import frechet_distance
 from eval.evaluate import UNKNOWN_PROMPT, _round_robin, find_samples, load_square
 from eval.example import write_example
 from eval.features import NOT_COMPARABLE_NOTE, FallbackFeatures
-from eval.report import curve_series, svg_line_chart
 from generators.datasets import read_manifest
 from medrl.cli import main
 

@@ -17,9 +17,11 @@ from rewards.contrastive import (
     swap_grade,
 )
 from rewards.models import META_FILE, AlignmentPolicy
+from rewards.objectives import ranking_loss
 from rewards.simulated import parse_prompt
 from rewards.towers import pool_tokens
-from rewards.training import Batchable, eye_swap_detection, ranking_loss
+from rewards.training_fit import Batchable
+from rewards.training_report import eye_swap_detection
 from tests.rewards.conftest import tiny_rewards_cfg
 
 LEFT, RIGHT = "colour fundus photograph, left eye", "colour fundus photograph, right eye"

@@ -116,7 +116,7 @@ def test_generated_pool_trains_rewards_unchanged(pool, tmp_path, tiny_rewards):
 
 def test_generated_pool_beside_the_phantom_pool_in_one_store(pool, rating_pool, tmp_path):
     """Two pools, one store, one images root: --images-from rewrites the second's paths."""
-    from rewards.training import load_images, resolve_image
+    from rewards.rating_data import load_images, resolve_image
 
     phantom_dir, phantom_csv = rating_pool
     db = tmp_path / "both.db"

@@ -11,22 +11,16 @@ import pytest
 import torch
 
 from rewards.models import AlignmentPolicy, QualitySelector, RewardModels
-from rewards.ratings import read_ratings
-from rewards.training import (
-    REPORT_FILE,
-    agreement_by_source,
-    agreement_metrics,
+from rewards.objectives import (
     agreement_reward,
-    format_report,
-    holdout_split,
-    image_source,
-    load_images,
     policy_gradient_loss,
-    rating_targets,
     regression_loss,
     reinforce_loss,
-    train_rewards,
 )
+from rewards.rating_data import holdout_split, image_source, load_images, rating_targets
+from rewards.ratings import read_ratings
+from rewards.training import REPORT_FILE, train_rewards
+from rewards.training_report import agreement_by_source, agreement_metrics, format_report
 from tests.rewards.conftest import tiny_rewards_cfg
 
 PROMPT = "colour fundus photograph, left eye, moderate non-proliferative diabetic retinopathy"
