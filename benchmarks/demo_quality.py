@@ -20,10 +20,11 @@ from PIL import Image
 from eval.distances import frechet_distance
 from eval.features import FallbackFeatures
 from generators.datasets import read_manifest
-from generators.finetune import ImageTextData, reconstruction_psnr
 from generators.images import to_uint8
 from generators.model import build_generator, load_generator
 from generators.sampling import sample
+from generators.training_common import ImageTextData
+from generators.vae_training import reconstruction_psnr
 from medrl.config import load_config
 from medrl.demo_weights import from_scratch
 from rewards.simulated import measure_at_analysis_size

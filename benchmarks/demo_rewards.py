@@ -62,9 +62,9 @@ def _expert_line(name: str, expert: SimulatedExpert, images: list[np.ndarray], p
 
 
 def _ceiling(run: Path, real: pd.DataFrame, root: Path, samples: pd.DataFrame) -> None:
-    from generators.finetune import vae_reconstruct
     from generators.images import to_uint8
     from generators.model import load_generator
+    from generators.vae_training import vae_reconstruct
 
     gen = load_generator(run / "generator")
     expert = SimulatedExpert()

@@ -69,11 +69,11 @@ def held_out(manifest: Path) -> tuple[list[str], list[int]]:
 def probe_filter(args) -> None:
     from generators.config import LoraConfig
     from generators.datasets import read_manifest
-    from generators.finetune import ImageTextData
     from generators.images import to_uint8
     from generators.lora import attach_lora, lora_parameters
     from generators.model import load_generator
     from generators.sampling import sample
+    from generators.training_common import ImageTextData
     from rl.gold import SimulatedGold
 
     torch.manual_seed(args.seed)

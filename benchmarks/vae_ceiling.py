@@ -32,9 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from generators.finetune import ImageTextData, train_vae  # noqa: E402
 from generators.images import make_grid, save_png, to_uint8  # noqa: E402
 from generators.model import build_generator  # noqa: E402
+from generators.training_common import ImageTextData  # noqa: E402
+from generators.vae_training import train_vae  # noqa: E402
 from medrl.config import load_config  # noqa: E402
 from medrl.demo_weights import measure_reconstructions  # noqa: E402
 

@@ -3,7 +3,8 @@
 Two stages, as in the MSDM recipe of the Prompt-to-Polyp study (VAE first, then UNet):
 
 1. **VAE** (only when the config gives no pretrained VAE, i.e. the demo): the
-   latent-diffusion autoencoder recipe on a CPU budget (``train_vae``): pixel L1, a
+   latent-diffusion autoencoder recipe on a CPU budget (``train_vae``, in
+   :mod:`generators.vae_training`): pixel L1, a
    Laplacian-pyramid L1 that keeps edges, a very small KL term and, from
    ``finetune.vae_disc_start`` on, a small PatchGAN discriminator with the LDM adaptive
    weight (docs/generator.md, "The demo VAE"). A randomly initialised decoder cannot express what
@@ -15,7 +16,8 @@ Two stages, as in the MSDM recipe of the Prompt-to-Polyp study (VAE first, then 
 
 Every random choice of UNet step ``s`` (which images, noise, timesteps, dropped captions)
 comes from a generator seeded with ``(seed, s)``, so a run resumed from a checkpoint
-continues exactly as the uninterrupted run would have.
+continues exactly as the uninterrupted run would have (the data, step generators and
+checkpoint commits both stages share: :mod:`generators.training_common`).
 
 Run directory layout (``runs/<name>/``)::
 
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -59,298 +60,24 @@ from generators.lora import (
 )
 from generators.model import Generator, build_generator, resolve_device
 from generators.sampling import sample
+from generators.training_common import (
+    VAE_DIR,
+    VAE_STATE_DIR,
+    ImageTextData,
+    batch_indices,
+    commit_checkpoint,
+    latest_checkpoint,
+    step_generator,
+)
+from generators.vae_training import reconstruction_psnr, train_vae
 from runfiles import (
     METRICS_FILE,
     append_metrics,
-    prune_checkpoints,
-    read_latest,
     read_metrics,
     staged_folder,
-    write_latest,
 )
 
 log = logging.getLogger(__name__)
-
-VAE_DIR = "vae"
-#: the VAE's training state (VAE, discriminator, optimizers) while stage 1 runs
-VAE_STATE_DIR = "vae-train"
-#: step-seed stride: generator for UNet step s is seeded with seed * STRIDE + s
-_STRIDE = 1_000_003
-
-
-# --------------------------------------------------------------------------- data
-
-
-class ImageTextData:
-    """Image-text pairs held in memory as uint8 (fast random access for small sets).
-
-    Args:
-        images: uint8 tensor (N, 3, H, W).
-        texts: N captions.
-    """
-
-    def __init__(self, images: torch.Tensor, texts: list[str]):
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(
-                f"expected uint8 (N, 3, H, W) images, got {images.dtype} {tuple(images.shape)}"
-            )
-        if len(texts) != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {len(texts)} captions")
-        if images.shape[0] == 0:
-            raise ValueError("no training images")
-        self.images, self.texts = images, texts
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-        x = self.images[idx].float().div(127.5).sub(1.0)
-        return x, [self.texts[i] for i in idx.tolist()]
-
-    @classmethod
-    def from_manifest(
-        cls, manifest: str | os.PathLike, resolution: int, split: str = "train"
-    ) -> ImageTextData:
-        from generators.datasets import ManifestDataset
-
-        ds = ManifestDataset(manifest, resolution=resolution, split=split)
-        imgs, texts = [], []
-        for i in tqdm(range(len(ds)), desc=f"loading {split} images", leave=False):
-            item = ds[i]
-            imgs.append(
-                item["pixel_values"].add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-            )
-            texts.append(item["text"])
-        return cls(torch.stack(imgs), texts)
-
-
-def _step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed((seed * _STRIDE + step) * 7 + salt)
-
-
-def _batch_indices(n: int, batch_size: int, g: torch.Generator) -> torch.Tensor:
-    if batch_size <= n:
-        return torch.randperm(n, generator=g)[:batch_size]
-    return torch.randint(0, n, (batch_size,), generator=g)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def commit_checkpoint(ckpt_root: Path, name: str, write: callable, keep: int) -> Path:
-    """Write a checkpoint into a temporary dir, commit it into place, then update ``latest``.
-
-    Old checkpoints are deleted only after the new one is committed, oldest first, keeping
-    ``keep`` of them.
-    """
-    final = ckpt_root / name
-    with staged_folder(final) as tmp:
-        write(tmp)
-    write_latest(ckpt_root, name)
-    prune_checkpoints(ckpt_root, keep)
-    return final
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The checkpoint ``ckpt_root/latest`` names (validated: runfiles.read_latest)."""
-    return read_latest(ckpt_root)
-
-
-# --------------------------------------------------------------------------- stage 1: VAE
-
-
-def _vae_disc_on(cfg: FinetuneConfig) -> bool:
-    return cfg.vae_disc_weight > 0 and cfg.vae_disc_start < cfg.vae_steps
-
-
-def _save_vae_state(tmp: Path, vae, disc, opt, sched, d_opt, step: int) -> None:
-    save_file(
-        {k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp / "vae.safetensors")
-    )
-    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step}
-    if disc is not None:
-        save_file(
-            {k: v.contiguous() for k, v in disc.state_dict().items()},
-            str(tmp / "discriminator.safetensors"),
-        )
-        state["disc_optimizer"] = d_opt.state_dict()
-    torch.save(state, tmp / "state.pt")
-    (tmp / "step.json").write_text(json.dumps({"step": step}))
-
-
-def _load_vae_state(path: Path, vae, disc, opt, sched, d_opt) -> int:
-    vae.load_state_dict(load_file(str(path / "vae.safetensors")))
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    if disc is not None:
-        if not (path / "discriminator.safetensors").is_file():
-            raise ValueError(
-                f"{path} has no discriminator but finetune.vae_disc_weight > 0; use a new run.name"
-            )
-        disc.load_state_dict(load_file(str(path / "discriminator.safetensors")))
-        d_opt.load_state_dict(state["disc_optimizer"])
-    return int(state["step"])
-
-
-def train_vae(
-    gen: Generator,
-    data: ImageTextData,
-    cfg: FinetuneConfig,
-    seed: int,
-    writer=None,
-    metrics: list | None = None,
-    ckpt_dir: str | os.PathLike | None = None,
-    stop_after: int | None = None,
-) -> float:
-    """Train the VAE on the images; returns the latent scaling factor it sets.
-
-    The loss (``finetune.vae_*``; :mod:`generators.vae_loss`): ``vae_l1_weight`` * pixel L1
-    + ``vae_mse_weight`` * MSE + ``vae_laplacian_weight`` * Laplacian-pyramid L1 +
-    ``vae_kl_weight`` * KL per latent element, and from step ``vae_disc_start`` on (when
-    ``vae_disc_weight`` > 0) ``vae_disc_weight`` * the LDM adaptive weight * the PatchGAN
-    hinge generator loss, while the discriminator trains on real images against the
-    reconstructions. Step ``s`` draws its images and noise from ``(seed, s)``.
-
-    ``ckpt_dir``: every ``checkpoint_every`` steps the VAE, the discriminator and both
-    optimizers are committed there, and a call with the same directory resumes from the
-    newest (exactly: an interrupted run ends where the uninterrupted one would).
-    ``stop_after``: return after this many steps (before the scaling factor; tests,
-    interruption) without touching the learning-rate schedule.
-    """
-    from generators.vae_loss import (
-        PatchDiscriminator,
-        adaptive_weight,
-        generator_loss,
-        hinge_d_loss,
-        laplacian_pyramid_loss,
-    )
-
-    vae = gen.vae
-    device = gen.device
-    vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / max(1, cfg.warmup_steps))
-            * 0.5
-            * (1 + math.cos(math.pi * s / cfg.vae_steps))
-        ),
-    )
-    disc = d_opt = None
-    if _vae_disc_on(cfg):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * _STRIDE + 11)  # the discriminator's init
-            disc = PatchDiscriminator(3, cfg.vae_disc_channels, cfg.vae_disc_layers).to(device)
-        disc.train()
-        d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.vae_disc_lr, betas=(0.5, 0.9))
-    last_layer = vae.decoder.conv_out.weight
-    start = 0
-    ckpt_root = Path(ckpt_dir) if ckpt_dir is not None else None
-    if ckpt_root is not None:
-        latest = latest_checkpoint(ckpt_root)
-        if latest is not None:
-            start = _load_vae_state(latest, vae, disc, opt, sched, d_opt)
-            log.info("VAE: resuming from %s at step %d", latest, start)
-    end = cfg.vae_steps if stop_after is None else min(cfg.vae_steps, stop_after)
-    bar = tqdm(range(start, end), desc="VAE", initial=start, total=cfg.vae_steps, leave=False)
-    for step in bar:
-        g = _step_generator(seed, step, salt=1)
-        x, _ = data.batch(_batch_indices(len(data), cfg.vae_batch_size, g))
-        x = x.to(device)
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(
-            device
-        )
-        recon = vae.decode(z).sample
-        rec = cfg.vae_l1_weight * F.l1_loss(recon, x)
-        if cfg.vae_mse_weight > 0:
-            rec = rec + cfg.vae_mse_weight * F.mse_loss(recon, x)
-        if cfg.vae_laplacian_weight > 0:
-            rec = rec + cfg.vae_laplacian_weight * laplacian_pyramid_loss(
-                recon, x, cfg.vae_laplacian_levels
-            )
-        kl = posterior.kl().mean() / z[0].numel()
-        loss = rec + cfg.vae_kl_weight * kl
-        disc_active = disc is not None and step >= cfg.vae_disc_start
-        g_loss = d_weight = d_loss = torch.zeros((), device=device)
-        if disc_active:
-            disc.requires_grad_(False)
-            g_loss = generator_loss(disc(recon))
-            d_weight = adaptive_weight(rec, g_loss, last_layer, cfg.vae_disc_max_weight)
-            loss = loss + cfg.vae_disc_weight * d_weight * g_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        if disc_active:
-            disc.requires_grad_(True)
-            d_loss = hinge_d_loss(disc(x), disc(recon.detach()))
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_opt.step()
-        done = step + 1
-        if step % cfg.log_every == 0 or done == cfg.vae_steps:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            values = {
-                "loss": loss.item(),
-                "rec": rec.item(),
-                "kl": kl.item(),
-                "g_loss": g_loss.item(),
-                "d_weight": d_weight.item(),
-                "d_loss": d_loss.item(),
-            }
-            if writer is not None:
-                for k, v in values.items():
-                    writer.add_scalar(f"vae/{k}", v, step)
-            if metrics is not None:
-                metrics.append({"stage": "vae", "step": step, **values})
-        if ckpt_root is not None and (done % cfg.checkpoint_every == 0 or done == end):
-            commit_checkpoint(
-                ckpt_root,
-                f"step-{done:06d}",
-                lambda tmp, done=done: _save_vae_state(tmp, vae, disc, opt, sched, d_opt, done),
-                keep=1,
-            )
-    bar.close()
-    if end < cfg.vae_steps:
-        return float("nan")
-    vae.eval().requires_grad_(False)
-    # scaling factor: 1 / std of the training latents
-    with torch.no_grad():
-        g = torch.Generator("cpu").manual_seed(seed)
-        idx = _batch_indices(len(data), min(len(data), 256), g)
-        zs = [
-            vae.encode(data.batch(chunk)[0].to(device)).latent_dist.sample()
-            for chunk in idx.split(32)
-        ]
-        std = torch.cat(zs).float().std().item()
-    factor = 1.0 / max(std, 1e-6)
-    vae.register_to_config(scaling_factor=factor)
-    gen.vae_untrained = False
-    return factor
-
-
-@torch.no_grad()
-def vae_reconstruct(gen: Generator, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] encoded (mode latent) and decoded by the VAE, on cpu:
-    the closest the generator's decoder comes to them."""
-    parts = [
-        gen.vae.decode(gen.vae.encode(x.to(gen.device)).latent_dist.mode()).sample.clamp(-1, 1)
-        for x in images.split(batch_size)
-    ]
-    return torch.cat(parts).float().cpu()
-
-
-def reconstruction_psnr(gen: Generator, images: torch.Tensor) -> float:
-    """Mean PSNR (dB, images in [-1, 1] mapped to [0, 1]) of VAE reconstructions (mode latent)."""
-    x = images.float().cpu()
-    mse = ((vae_reconstruct(gen, x) - x) / 2).pow(2).flatten(1).mean(1).clamp(min=1e-10)
-    return float((10 * torch.log10(1.0 / mse)).mean())
-
 
 # --------------------------------------------------------------------------- stage 2: UNet
 
@@ -553,8 +280,8 @@ def finetune(
     loss_value = float("nan")
     bar = tqdm(range(start, ft.steps), desc="UNet", initial=start, total=ft.steps, leave=False)
     for step in bar:
-        g = _step_generator(seed, step)
-        idx = _batch_indices(len(data), ft.batch_size, g)
+        g = step_generator(seed, step)
+        idx = batch_indices(len(data), ft.batch_size, g)
         x, texts = data.batch(idx)
         drop = torch.rand(len(texts), generator=g) < ft.text_dropout
         texts = ["" if d else t for t, d in zip(texts, drop.tolist(), strict=True)]

@@ -60,8 +60,8 @@ def measure_reconstructions(gen: Any, x: torch.Tensor, prompts: list[str]) -> di
     the share whose reconstruction is still fair-or-better; ``sharpness_*``: the expert's
     sharpness measure (below ``poor_line`` every image is "poor"); ``psnr`` in dB.
     """
-    from generators.finetune import reconstruction_psnr, vae_reconstruct
     from generators.images import to_uint8
+    from generators.vae_training import reconstruction_psnr, vae_reconstruct
     from rewards.simulated import MEASURE_LEVELS, SimulatedExpert, measure_at_analysis_size
 
     recon = vae_reconstruct(gen, x)
@@ -134,9 +134,10 @@ def make_demo_base(
     every quarter of ``demo.base_steps``) for ``benchmarks/eye_probe.py checkpoints``.
     Returns the card.
     """
-    from generators.finetune import ImageTextData, finetune
+    from generators.finetune import finetune
     from generators.images import make_grid, save_png, to_uint8
     from generators.model import load_generator
+    from generators.training_common import ImageTextData
 
     cfg = from_scratch(cfg)
     out = Path(out)

@@ -156,10 +156,10 @@ def write_generated_pool(
     generated, plus ``reconstructions`` and ``real``. Returns the ratings CSV path.
     """
     from generators.datasets import read_manifest
-    from generators.finetune import vae_reconstruct
     from generators.images import load_image, resize, save_png, to_uint8
     from generators.model import resolve_device
     from generators.sampling import sample
+    from generators.vae_training import vae_reconstruct
     from rewards.simulated import POOL_FILE, mismatched_prompt, simulate_ratings
 
     if not 0.0 <= mismatch_fraction <= 1.0 or prompts < 0 or seeds_per_prompt < 1:

@@ -20,11 +20,13 @@ from PIL import Image
 from eval.distances import frechet_distance
 from eval.features import FallbackFeatures
 from generators.datasets import ingest_csv, read_manifest
-from generators.finetune import ImageTextData, finetune, reconstruction_psnr
+from generators.finetune import finetune
 from generators.images import to_uint8
 from generators.model import build_generator, load_generator
 from generators.phantom_dataset import write_demo_dataset
 from generators.sampling import sample
+from generators.training_common import ImageTextData
+from generators.vae_training import reconstruction_psnr
 from medrl.config import load_config, to_dict
 from medrl.demo_weights import from_scratch
 

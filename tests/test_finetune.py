@@ -12,7 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from generators.datasets import ingest_csv
-from generators.finetune import commit_checkpoint, iter_metrics, latest_checkpoint
+from generators.finetune import iter_metrics
+from generators.training_common import commit_checkpoint, latest_checkpoint
 from medrl.cli import main
 
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from generators.config import FinetuneConfig, VaeConfig
-from generators.finetune import ImageTextData, latest_checkpoint, train_vae
 from generators.model import build_vae
+from generators.training_common import ImageTextData, latest_checkpoint
 from generators.vae_loss import (
     PatchDiscriminator,
     adaptive_weight,
@@ -20,6 +20,7 @@ from generators.vae_loss import (
     hinge_d_loss,
     laplacian_pyramid_loss,
 )
+from generators.vae_training import train_vae
 
 RES = 16
 

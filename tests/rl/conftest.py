@@ -70,9 +70,10 @@ def build_rl_generator(root: Path, vae_steps: int = 120) -> Path:
     from dataclasses import replace
 
     from generators.datasets import ingest_csv
-    from generators.finetune import ImageTextData, train_vae
     from generators.model import build_generator
     from generators.phantom_dataset import write_demo_dataset
+    from generators.training_common import ImageTextData
+    from generators.vae_training import train_vae
     from medrl.config import load_config
 
     cfg = load_config("configs/demo.yaml", RL_OVERRIDES)
