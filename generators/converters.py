@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from generators.config import SPLITS
-from generators.datasets import COLUMNS, DataValidationError, RowProblem, read_csv_rows
+from generators.csv_rows import DataValidationError, RowProblem, read_csv_rows
+from generators.datasets import COLUMNS
 from generators.images import IMAGE_SUFFIXES
 from runfiles import atomic_write_text
 

@@ -35,13 +35,9 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_data_ingest(args: argparse.Namespace) -> int:
-    from generators.datasets import DataValidationError, ingest_csv
+    from generators.datasets import ingest_csv
 
-    try:
-        report = ingest_csv(args.csv, root=args.root, out=args.out)
-    except DataValidationError as exc:
-        print(exc.render(), file=sys.stderr)
-        return 1
+    report = ingest_csv(args.csv, root=args.root, out=args.out)
     print(f"{report.rows} rows valid; manifest written to {report.manifest}")
     for key, count in sorted(report.modalities.items()):
         print(f"  {key}: {count}")
@@ -50,20 +46,15 @@ def cmd_data_ingest(args: argparse.Namespace) -> int:
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
     from generators.converters import convert_labels
-    from generators.datasets import DataValidationError
 
-    try:
-        out = convert_labels(
-            args.dataset,
-            args.labels,
-            out=args.out,
-            image_dir=args.image_dir,
-            ext=args.ext,
-            split=args.split,
-        )
-    except DataValidationError as exc:
-        print(exc.render(), file=sys.stderr)
-        return 1
+    out = convert_labels(
+        args.dataset,
+        args.labels,
+        out=args.out,
+        image_dir=args.image_dir,
+        ext=args.ext,
+        split=args.split,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -101,22 +92,17 @@ def _ratings_db(args: argparse.Namespace) -> str:
 
 
 def cmd_ratings_ingest(args: argparse.Namespace) -> int:
-    from generators.datasets import DataValidationError
     from rewards.ratings import ingest_ratings
 
     # a rating sheet's image paths are stored relative to the root training will use
     images_root = args.images_root or _load(args).rewards.images_root or None
-    try:
-        report = ingest_ratings(
-            args.csv,
-            _ratings_db(args),
-            images_root=images_root,
-            round_dir=args.round_dir,
-            images_from=args.images_from,
-        )
-    except DataValidationError as exc:
-        print(exc.render(), file=sys.stderr)
-        return 1
+    report = ingest_ratings(
+        args.csv,
+        _ratings_db(args),
+        images_root=images_root,
+        round_dir=args.round_dir,
+        images_from=args.images_from,
+    )
     print(report.summary())
     return 0
 
@@ -890,10 +876,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from generators.csv_rows import DataValidationError
     from medrl.config import ConfigError
 
     try:
         return int(args.func(args) or 0)
+    except DataValidationError as exc:  # every bad row, by CSV line
+        print(exc.render(), file=sys.stderr)
+        return 1
     except ConfigError as exc:
         print(f"medrl: config error: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ of them in one transaction, or nothing) -> the project's SQLite file -> training
 :func:`agreement_report`. docs/rewards.md describes every column.
 
 Row numbers in messages are CSV line numbers (header = line 1), as in
-:mod:`generators.datasets`, whose :class:`DataValidationError` and :class:`RowProblem`
+:mod:`generators.csv_rows`, whose :class:`DataValidationError` and :class:`RowProblem`
 are reused here.
 """
 
@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from generators.config import MODALITIES
-from generators.datasets import DataValidationError, RowProblem, map_columns, read_csv_rows
+from generators.csv_rows import DataValidationError, RowProblem, map_columns, read_csv_rows
 from rewards import rounds
 from rewards.sheet import (
     ASPECT_MAX,

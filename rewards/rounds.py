@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from generators.datasets import RowProblem
+from generators.csv_rows import RowProblem
 from runfiles import require_empty_folder, staged_folder
 
 SHEET_FILE = "sheet.csv"

@@ -29,11 +29,10 @@ MAX_FILE_LINES, MAX_FUNCTION_LINES = 500, 80
 #: what is still over them (the redesign's debt, docs/architecture.md), at today's size:
 #: an entry may shrink or go, never grow, and nothing new may join it
 LONG_FILES = {
-    "generators/datasets.py": 615,
     "rewards/ratings.py": 727,
     "rewards/workbench/store.py": 620,
     "eval/evaluate.py": 842,
-    "medrl/cli.py": 906,
+    "medrl/cli.py": 896,
 }
 LONG_FUNCTIONS = {
     "generators/converters.py:convert_labels": 98,

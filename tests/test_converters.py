@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from generators.converters import CONVERTERS, PROMPT_TEMPLATES, convert_labels
-from generators.datasets import COLUMNS, DataValidationError, ingest_csv
+from generators.csv_rows import DataValidationError
+from generators.datasets import COLUMNS, ingest_csv
 from medrl.cli import main
 
 # One small label file per dataset, in the column layout it is distributed with, and the

@@ -18,12 +18,8 @@ import torch
 from PIL import Image
 
 from generators.config import MODALITIES
-from generators.datasets import (
-    DataValidationError,
-    ManifestDataset,
-    ingest_csv,
-    read_manifest,
-)
+from generators.csv_rows import DataValidationError
+from generators.datasets import ManifestDataset, ingest_csv, read_manifest
 from medrl.cli import main
 
 MANIFEST_COLUMNS = [

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from generators.datasets import DataValidationError
+from generators.csv_rows import DataValidationError
 from rewards.ratings import (
     EXPORT_COLUMNS,
     SCHEMA_VERSION,

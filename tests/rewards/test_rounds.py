@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from generators.datasets import DataValidationError
+from generators.csv_rows import DataValidationError
 from rewards.ratings import SCHEMA_VERSION, connect, ingest_ratings, read_ratings
 from rewards.rounds import KEY_FILE, SHEET_FILE, export_round, next_round_name, round_prompts
 from rewards.simulated import simulate_ratings
