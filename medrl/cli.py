@@ -7,6 +7,7 @@ Heavy imports (torch, diffusers, ray) happen inside the subcommands, so
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -115,9 +116,8 @@ def cmd_ratings_export(args: argparse.Namespace) -> int:
 
 
 def cmd_ratings_agreement(args: argparse.Namespace) -> int:
-    import json
-
-    from rewards.ratings import agreement_report, connect, format_agreement, read_ratings
+    from rewards.agreement import agreement_report, format_agreement
+    from rewards.ratings import connect, read_ratings
     from rewards.workbench.store import self_agreement
 
     db = _ratings_db(args)

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from generators.images import ImageDecodeError, load_image, resize, to_tensor
-from rewards.ratings import latest_per_rater
+from rewards.agreement import latest_per_rater
 from rewards.sheet import ASPECT_MAX
 
 log = logging.getLogger(__name__)

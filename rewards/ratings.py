@@ -3,7 +3,8 @@
 The flow is ``ratings.csv`` -> :func:`ingest_ratings` (validates every row; stores all
 of them in one transaction, or nothing) -> the project's SQLite file -> training
 (:func:`read_ratings`), :func:`export_ratings` (CSV or Parquet) and
-:func:`agreement_report`. docs/rewards.md describes every column.
+:func:`rewards.agreement.agreement_report`. Reading and checking the CSV's rows is
+:mod:`rewards.ratings_csv`. docs/rewards.md describes every column.
 
 Row numbers in messages are CSV line numbers (header = line 1), as in
 :mod:`generators.csv_rows`, whose :class:`DataValidationError` and :class:`RowProblem`
@@ -16,32 +17,25 @@ import csv
 import logging
 import math
 import os
-import re
 import sqlite3
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import combinations
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from generators.config import MODALITIES
-from generators.csv_rows import DataValidationError, RowProblem, map_columns, read_csv_rows
+from generators.csv_rows import DataValidationError, RowProblem
 from rewards import rounds
+from rewards.ratings_csv import parse_ratings_csv, rating_key, read_csv
 from rewards.sheet import (
-    ASPECT_MAX,
     ASPECTS,
-    COLUMN_ALIASES,
     COLUMNS,
     EXPORT_COLUMNS,
-    RATING_VALUES,
-    REQUIRED_COLUMNS,
     ROUND_COLUMN,
 )
 from runfiles import atomic_path
@@ -91,9 +85,9 @@ CREATE INDEX IF NOT EXISTS ratings_by_image ON ratings (image_path, prompt);
 )
 
 
-def normalise_rating(rating: float) -> float:
-    """Rating 1..3 -> [0, 1] as (r - 1) / 2 (CS787)."""
-    return (float(rating) - 1.0) / 2.0
+def normalise_rating(rating: Any) -> Any:
+    """Rating 1..3 -> [0, 1] as (r - 1) / 2 (CS787); a number or a pandas column."""
+    return (rating - 1.0) / 2.0
 
 
 # --------------------------------------------------------------------------- the store
@@ -166,193 +160,6 @@ def _migrate(conn: sqlite3.Connection, version: int, path: Path) -> None:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# --------------------------------------------------------------------------- CSV parsing
-
-
-def _norm_header(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.strip().lower()).strip("_")
-
-
-def map_header(header: Sequence[str]) -> tuple[dict[str, int], list[RowProblem], list[str]]:
-    """Map our column names to header positions (aliases, any case and punctuation)."""
-    return map_columns(header, COLUMNS, COLUMN_ALIASES, REQUIRED_COLUMNS, _norm_header)
-
-
-def parse_timestamp(text: str) -> str:
-    """ISO 8601 (``2025-03-01T10:00:00Z``) or Unix seconds -> canonical ISO 8601 text.
-
-    Canonical text is what the unique key compares, so ``2025-03-01 10:00`` and
-    ``2025-03-01T10:00:00`` are the same moment. Raises ValueError when unreadable.
-    """
-    raw = text.strip()
-    if not raw:
-        raise ValueError("timestamp is empty")
-    try:
-        seconds = float(raw)
-    except ValueError:
-        try:
-            moment = datetime.fromisoformat(raw)
-        except ValueError:
-            raise ValueError(
-                f"timestamp {raw!r} is neither ISO 8601 (2025-03-01T10:00:00Z) nor Unix seconds"
-            ) from None
-    else:
-        if not math.isfinite(seconds):
-            raise ValueError(f"timestamp {raw!r} is not a finite number")
-        moment = datetime.fromtimestamp(seconds, tz=timezone.utc)
-    return moment.isoformat()
-
-
-def _parse_row(line: int, cells: dict[str, str], problems: list[RowProblem]) -> dict[str, Any]:
-    """One CSV row -> a store row; appends every problem found."""
-    row: dict[str, Any] = {}
-    n_before = len(problems)
-    image_path = cells["image_path"].strip()
-    if not image_path:
-        problems.append(RowProblem(line, "image_path", "image_path is empty"))
-    row["image_path"] = image_path
-
-    raw = cells["rating"].strip()
-    try:
-        value = float(raw)
-        if not value.is_integer() or int(value) not in RATING_VALUES:
-            raise ValueError
-        row["rating"] = int(value)
-    except ValueError:
-        what = "rating is empty" if not raw else f"rating {raw!r} is not 1, 2 or 3"
-        problems.append(RowProblem(line, "rating", f"{what} (1 poor, 2 fair, 3 good)"))
-
-    modality = cells["modality"].strip().lower()
-    if modality and modality not in MODALITIES:
-        problems.append(
-            RowProblem(
-                line,
-                "modality",
-                f"unknown modality {cells['modality']!r}; allowed: {', '.join(MODALITIES)} "
-                "or empty",
-            )
-        )
-    row["modality"] = modality
-    row["expert_level"] = cells["expert_level"].strip()
-    row["prompt"] = cells["prompt"].strip()
-    row["rater_id"] = cells["rater_id"].strip()
-    if not row["rater_id"]:
-        problems.append(RowProblem(line, "rater_id", "rater_id is empty"))
-    try:
-        row["timestamp"] = parse_timestamp(cells["timestamp"])
-    except ValueError as exc:
-        problems.append(RowProblem(line, "timestamp", str(exc)))
-    row["generator_ckpt"] = cells["generator_ckpt"].strip()
-    row["round"] = cells["round"].strip()
-
-    raw = cells["seed"].strip()
-    row["seed"] = None
-    if raw:
-        try:
-            seed = float(raw)
-            if not seed.is_integer():
-                raise ValueError
-            row["seed"] = int(seed)
-        except ValueError:
-            problems.append(RowProblem(line, "seed", f"seed {raw!r} is not an integer"))
-
-    for aspect in ASPECTS:
-        raw = cells[aspect].strip()
-        row[aspect] = None
-        if not raw:
-            continue
-        try:
-            value = float(raw)
-            if not 0.0 <= value <= ASPECT_MAX:  # also rejects nan
-                raise ValueError
-            row[aspect] = value
-        except ValueError:
-            problems.append(
-                RowProblem(line, aspect, f"{aspect} {raw!r} is not a number from 0 to 10")
-            )
-    row["_ok"] = len(problems) == n_before
-    return row
-
-
-#: Cells a rater fills; a row of a rating sheet with all of them empty was not rated.
-_RATER_CELLS: tuple[str, ...] = ("rating", "rater_id", "timestamp") + ASPECTS
-
-
-def _read_csv(
-    path: Path, skip_unrated: bool = False
-) -> tuple[list[dict[str, Any]], list[RowProblem], int]:
-    """Rows that parsed (``source_line`` = CSV line), every problem found, and the number
-    of rows skipped as not rated (``skip_unrated``: rows whose rater cells are all empty,
-    as a rating sheet's rows are until a rater fills them).
-
-    A header problem raises at once (the rows cannot be read without the header).
-    """
-    header, raw_rows = read_csv_rows(path)
-    columns, problems, ignored = map_header(header)
-    if problems:
-        raise DataValidationError(path, problems)
-    if ignored:
-        log.info("%s: ignoring columns %s", path.name, ", ".join(ignored))
-    rows: list[dict[str, Any]] = []
-    first_line: dict[tuple[str, str, str, str], int] = {}
-    seen = unrated = 0
-    for line, cells in raw_rows:
-        seen += 1
-        values = {
-            c: (cells[columns[c]] if c in columns and columns[c] < len(cells) else "")
-            for c in COLUMNS
-        }
-        if skip_unrated and not any(values[c].strip() for c in _RATER_CELLS):
-            unrated += 1
-            continue
-        if len(cells) > len(header) and any(c.strip() for c in cells[len(header) :]):
-            problems.append(
-                RowProblem(line, "row", f"{len(cells)} fields but the header has {len(header)}")
-            )
-        row = _parse_row(line, values, problems)
-        if not row.pop("_ok"):
-            continue
-        key = _key(row)
-        if key in first_line:
-            problems.append(
-                RowProblem(
-                    line,
-                    "row",
-                    f"same image_path, rater_id, timestamp and round as line {first_line[key]}",
-                )
-            )
-            continue
-        first_line[key] = line
-        row["source"] = path.name
-        row["source_line"] = line
-        rows.append(row)
-    if not seen:
-        problems.append(RowProblem(1, "header", "no data rows under the header"))
-    elif skip_unrated and unrated == seen:
-        problems.append(RowProblem(1, "row", "no row of this sheet has been rated yet"))
-    return rows, problems, unrated
-
-
-def _key(row: dict[str, Any]) -> tuple[str, str, str, str]:
-    """The store's unique key of a row: one rater's rating of one image at one time in
-    one round."""
-    return (row["image_path"], row["rater_id"], row["timestamp"], row["round"])
-
-
-def parse_ratings_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read and validate a ratings CSV; returns store rows (``source_line`` = CSV line).
-
-    Raises:
-        DataValidationError: any bad row or header; every problem listed with its line.
-        FileNotFoundError / ValueError: the file cannot be read as CSV at all.
-    """
-    path = Path(path)
-    rows, problems, _ = _read_csv(path)
-    if problems:
-        raise DataValidationError(path, problems)
-    return rows
 
 
 # --------------------------------------------------------------------------- ingest / export
@@ -430,7 +237,7 @@ def ingest_ratings(
     csv_path = Path(csv_path)
     key = rounds.find_key(csv_path, round_dir)
     sheet_dir = Path(round_dir) if round_dir is not None else csv_path.parent
-    rows, problems, unrated = _read_csv(csv_path, skip_unrated=key is not None)
+    rows, problems, unrated = read_csv(csv_path, skip_unrated=key is not None)
     root = Path(images_root) if images_root is not None else Path(db).parent
     if key is not None:
         rows = rounds.apply_key(rows, key, sheet_dir, root, problems)
@@ -441,15 +248,15 @@ def ingest_ratings(
     if key is not None or images_from is not None:
         keys: dict[tuple[str, str, str, str], int] = {}
         for row in rows:  # rewritten paths: check the file's own key again
-            if _key(row) in keys:
+            if rating_key(row) in keys:
                 problems.append(
                     RowProblem(
                         row["source_line"],
                         "row",
-                        f"same image, rater_id, timestamp and round as line {keys[_key(row)]}",
+                        f"same image, rater_id, timestamp and round as line {keys[rating_key(row)]}",
                     )
                 )
-            keys.setdefault(_key(row), row["source_line"])
+            keys.setdefault(rating_key(row), row["source_line"])
     conn = connect(db)
     try:
         conn.execute("BEGIN IMMEDIATE")  # lock first, so checks and inserts see one state
@@ -459,7 +266,7 @@ def ingest_ratings(
                 stored = conn.execute(
                     "SELECT * FROM ratings WHERE image_path = ? AND rater_id = ? "
                     "AND timestamp = ? AND round = ?",
-                    _key(row),
+                    rating_key(row),
                 ).fetchone()
                 if stored is None:
                     fresh.append(row)
@@ -544,7 +351,7 @@ def read_ratings(source: str | os.PathLike) -> pd.DataFrame:
     for aspect in ASPECTS:
         frame[aspect] = frame[aspect].astype("float64")
     frame["rating"] = frame["rating"].astype("int64")
-    frame["rating_norm"] = (frame["rating"] - 1) / 2.0
+    frame["rating_norm"] = normalise_rating(frame["rating"])
     return frame.reset_index(drop=True)
 
 
@@ -582,146 +389,3 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float) and v.is_integer():
         return str(int(v)) if abs(v) < 1e15 else repr(v)
     return str(v)
-
-
-# --------------------------------------------------------------------------- agreement
-
-Metric = Literal["nominal", "ordinal", "interval"]
-
-
-def krippendorff_alpha(
-    units: Iterable[Sequence[float]], metric: Metric = "ordinal"
-) -> float | None:
-    """Krippendorff's alpha of reliability data given as the values of each unit.
-
-    Written here from Krippendorff (2011), "Computing Krippendorff's Alpha-Reliability":
-    the ``krippendorff`` package is not available offline and nothing else installed
-    computes it. ``units`` holds, per rated item, the values the raters gave it (any
-    number of raters, missing ones simply left out); units with fewer than two values
-    are not pairable and ignored. With ``o`` the coincidence matrix (each ordered pair of
-    values within a unit of m values adds 1/(m-1)) and ``n_c`` its margins,
-    alpha = 1 - (n - 1) * sum(o_ck d_ck) / sum(n_c n_k d_ck), where d is the squared
-    difference function of the metric: nominal 1[c != k]; interval (c - k)^2; ordinal
-    (sum_{g=c..k} n_g - (n_c + n_k) / 2)^2.
-
-    Returns None when alpha is undefined (fewer than two pairable values, or all
-    pairable values equal, so there is no expected disagreement).
-    """
-    if metric not in ("nominal", "ordinal", "interval"):
-        raise ValueError(f"krippendorff_alpha: unknown metric {metric!r}")
-    pairable = [list(map(float, u)) for u in units if len(u) >= 2]
-    if not pairable:
-        return None
-    values = sorted({v for u in pairable for v in u})
-    index = {v: i for i, v in enumerate(values)}
-    k = len(values)
-    o = np.zeros((k, k))
-    for unit in pairable:
-        counts = np.bincount([index[v] for v in unit], minlength=k).astype(float)
-        # ordered pairs of different raters: counts_c * counts_k, minus the self-pairs
-        o += (np.outer(counts, counts) - np.diag(counts)) / (len(unit) - 1)
-    n_c = o.sum(axis=1)
-    n = n_c.sum()
-    v = np.asarray(values)
-    if metric == "nominal":
-        delta = 1.0 - np.eye(k)
-    elif metric == "interval":
-        delta = (v[:, None] - v[None, :]) ** 2
-    else:
-        cum = np.concatenate([[0.0], np.cumsum(n_c)])
-        lo = np.minimum.outer(np.arange(k), np.arange(k))
-        hi = np.maximum.outer(np.arange(k), np.arange(k))
-        between = cum[hi + 1] - cum[lo]  # sum of n_g for g from min(c, k) to max(c, k)
-        delta = (between - (n_c[:, None] + n_c[None, :]) / 2.0) ** 2
-        np.fill_diagonal(delta, 0.0)
-    expected = float((np.outer(n_c, n_c) * delta).sum())
-    if expected == 0.0:
-        return None
-    observed = float((o * delta).sum())
-    return 1.0 - (n - 1.0) * observed / expected
-
-
-def latest_per_rater(frame: pd.DataFrame) -> pd.DataFrame:
-    """One rating per (image, prompt, rater): the one with the latest timestamp.
-
-    Over all rounds: a rater who rates the same (image, prompt) again in a later round
-    counts once, with the newer rating (equal timestamps: the one stored last).
-    """
-    order = frame.assign(_t=pd.to_datetime(frame["timestamp"], utc=True, format="ISO8601"))
-    order = order.sort_values("_t", kind="stable")
-    return order.drop_duplicates(["image_path", "prompt", "rater_id"], keep="last").drop(
-        columns="_t"
-    )
-
-
-def agreement_report(source: str | os.PathLike | pd.DataFrame) -> dict[str, Any]:
-    """Agreement between raters on the same (image, prompt): alpha and pairwise kappa.
-
-    A unit is an (image_path, prompt) pair; each rater's latest rating of it counts.
-    ``alpha_ordinal`` is Krippendorff's ordinal alpha of the 1-3 ratings over all raters;
-    ``pairs`` has, for every two raters with common units, the quadratic weighted
-    Cohen's kappa (scikit-learn); ``aspects`` the interval alpha of each 0-10 aspect.
-    """
-    from sklearn.metrics import cohen_kappa_score
-
-    frame = source if isinstance(source, pd.DataFrame) else read_ratings(source)
-    latest = latest_per_rater(frame)
-    raters = sorted(latest["rater_id"].unique())
-    units = latest.groupby(["image_path", "prompt"], sort=False)
-    ratings = [g["rating"].tolist() for _, g in units]
-    report: dict[str, Any] = {
-        "ratings": int(len(frame)),
-        "units": int(units.ngroups),
-        "raters": raters,
-        "pairable_units": int(sum(len(r) >= 2 for r in ratings)),
-        "alpha_ordinal": krippendorff_alpha(ratings, "ordinal"),
-        "pairs": [],
-        "aspects": {},
-    }
-    wide = latest.pivot_table(
-        index=["image_path", "prompt"], columns="rater_id", values="rating", aggfunc="first"
-    )
-    for a, b in combinations(raters, 2):
-        both = wide[[a, b]].dropna()
-        kappa = None
-        if len(both) >= 2:
-            value = cohen_kappa_score(
-                both[a].astype(int), both[b].astype(int), labels=list(RATING_VALUES),
-                weights="quadratic",
-            )  # fmt: skip
-            kappa = None if not np.isfinite(value) else float(value)
-        report["pairs"].append(
-            {"raters": [a, b], "units": int(len(both)), "kappa_quadratic": kappa}
-        )
-    for aspect in ASPECTS:
-        given = latest.dropna(subset=[aspect])
-        if given.empty:
-            continue
-        values = [g[aspect].tolist() for _, g in given.groupby(["image_path", "prompt"])]
-        report["aspects"][aspect] = {
-            "ratings": int(len(given)),
-            "alpha_interval": krippendorff_alpha(values, "interval"),
-        }
-    return report
-
-
-def format_agreement(report: dict[str, Any]) -> str:
-    """The agreement report as a few lines of text (``medrl ratings agreement``)."""
-
-    def num(x: float | None) -> str:
-        return "undefined" if x is None else f"{x:.3f}"
-
-    lines = [
-        f"{report['ratings']} ratings of {report['units']} (image, prompt) units by "
-        f"{len(report['raters'])} rater(s); {report['pairable_units']} units rated by 2+",
-        f"Krippendorff's alpha (ordinal, ratings 1-3): {num(report['alpha_ordinal'])}",
-    ]
-    for pair in report["pairs"]:
-        a, b = pair["raters"]
-        lines.append(
-            f"  {a} vs {b}: quadratic weighted kappa {num(pair['kappa_quadratic'])} "
-            f"on {pair['units']} common units"
-        )
-    for aspect, info in report["aspects"].items():
-        lines.append(f"  {aspect}: alpha (interval) {num(info['alpha_interval'])}")
-    return "\n".join(lines)

@@ -29,8 +29,7 @@ MAX_FILE_LINES, MAX_FUNCTION_LINES = 500, 80
 #: what is still over them (the redesign's debt, docs/architecture.md), at today's size:
 #: an entry may shrink or go, never grow, and nothing new may join it
 LONG_FILES = {
-    "rewards/ratings.py": 727,
-    "rewards/workbench/store.py": 620,
+    "rewards/workbench/store.py": 614,
     "eval/evaluate.py": 842,
     "medrl/cli.py": 896,
 }

@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, ConfigDict, Field
 
-from rewards.ratings import agreement_report
+from rewards.agreement import agreement_report
 from rewards.workbench.store import MAX_COMMENT, Rater, Workbench, WorkbenchError
 
 log = logging.getLogger(__name__)

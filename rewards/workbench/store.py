@@ -40,15 +40,9 @@ import numpy as np
 import pandas as pd
 
 from rewards import rounds
-from rewards.ratings import (
-    ASPECT_MAX,
-    ASPECTS,
-    COLUMNS,
-    RATING_VALUES,
-    connect,
-    insert_ratings,
-    parse_timestamp,
-)
+from rewards.ratings import ASPECTS, COLUMNS, connect, insert_ratings
+from rewards.ratings_csv import parse_timestamp
+from rewards.sheet import ASPECT_MAX, RATING_VALUES
 
 #: The rating protocols a round can be served with.
 PROTOCOLS: dict[str, str] = {

@@ -10,19 +10,17 @@ import pytest
 from sklearn.metrics import cohen_kappa_score
 
 from generators.csv_rows import DataValidationError
+from rewards.agreement import agreement_report, format_agreement, krippendorff_alpha
 from rewards.ratings import (
     EXPORT_COLUMNS,
     SCHEMA_VERSION,
-    agreement_report,
     connect,
     export_ratings,
-    format_agreement,
     ingest_ratings,
-    krippendorff_alpha,
     normalise_rating,
-    parse_timestamp,
     read_ratings,
 )
+from rewards.ratings_csv import parse_timestamp
 
 HEADER = "image_path,rating,modality,expert_level,prompt,rater_id,timestamp,generator_ckpt,seed\n"
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from rewards.ratings import agreement_report, export_ratings, ingest_ratings, read_ratings
+from rewards.agreement import agreement_report
+from rewards.ratings import export_ratings, ingest_ratings, read_ratings
 from rewards.workbench.app import Background
 from rewards.workbench.store import Rater, Workbench
 from tests.rewards.workbench_round import make_round
