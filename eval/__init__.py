@@ -1,4 +1,4 @@
-"""Evaluation metrics computed from features, and the HTML report (see DESIGN.md).
+"""Evaluation metrics computed from features, and the HTML report (docs/architecture.md).
 
 - ``eval.features``: swappable feature extractors (standard FID InceptionV3, any transformers
   image encoder, a built-in fallback whose numbers are NOT comparable with published FIDs);

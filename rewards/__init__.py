@@ -1,1 +1,1 @@
-"""Reward models learned from expert ratings and the reward service (see DESIGN.md)."""
+"""Reward models learned from expert ratings and the reward service (docs/architecture.md)."""

@@ -1,1 +1,1 @@
-"""Distributed DDPO on Ray: sampler actors, the learner, the loop, checkpoints (see DESIGN.md)."""
+"""Distributed DDPO on Ray: sampler actors, the learner, the loop, checkpoints (docs/architecture.md)."""
