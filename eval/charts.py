@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from generators.images import make_grid
+from runfiles import is_number
 
 #: Side of one thumbnail in the report's grids (px).
 TILE = 128
@@ -212,12 +213,11 @@ def svg_line_chart(
     return "".join(out)
 
 
-def is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 #: Record keys that count or label rather than measure: never charted.
-COUNTER_KEYS = frozenset({"stage_n", "samples", "trained_samples", "updates", "epoch"})
+COUNTER_KEYS = frozenset(
+    {"stage_n", "samples", "trained_samples", "updates", "epoch", "samples_per_rank",
+     "optimizer_steps_iteration"}
+)  # fmt: skip
 
 
 def charted(key: str) -> bool:

@@ -9,7 +9,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from eval.charts import is_number
+from runfiles import is_number
 
 #: One-line definitions shown under each table (the formulas of docs/metrics.md).
 DEFINITIONS: dict[str, str] = {
@@ -111,7 +111,8 @@ def ordinal(v: Any) -> str:
     return f"{n}{suffix}"
 
 
-def skipped(section: Mapping[str, Any] | None) -> str | None:
-    if not section:
-        return "not computed"
-    return section.get("skipped")
+def skipped_note(section: Mapping[str, Any] | None) -> str:
+    """The note of a metrics section that was not computed or was skipped (with its
+    reason), or "" for a section that holds results."""
+    reason = "not computed" if not section else section.get("skipped")
+    return f'<p class="note">skipped: {esc(reason)}</p>' if reason else ""

@@ -28,7 +28,7 @@ from eval.report_html import (
     fmt,
     note_line,
     ordinal,
-    skipped,
+    skipped_note,
     table,
 )
 
@@ -195,8 +195,8 @@ def curves_section(records: Sequence[Mapping[str, Any]], source: str | None) -> 
 def distribution_section(m: Mapping[str, Any]) -> str:
     dist = m.get("distribution") or {}
     out = ['<h2 id="distribution">Distribution distances</h2>', note_line(m)]
-    if skipped(dist):
-        return "".join(out) + f'<p class="note">skipped: {esc(skipped(dist))}</p>'
+    if note := skipped_note(dist):
+        return "".join(out) + note
     c = m.get("counts", {})
     rows = [
         [
@@ -218,8 +218,8 @@ def distribution_section(m: Mapping[str, Any]) -> str:
 def prompt_section(m: Mapping[str, Any]) -> str:
     pm = m.get("prompts") or {}
     out = ['<h2 id="prompts">Per prompt: Fidelity, Diversity, SSIM</h2>', note_line(m)]
-    if skipped(pm):
-        return "".join(out) + f'<p class="note">skipped: {esc(skipped(pm))}</p>'
+    if note := skipped_note(pm):
+        return "".join(out) + note
     rows = []
     for r in pm.get("per_prompt", []):
         rows.append(
@@ -291,8 +291,8 @@ def prompt_section(m: Mapping[str, Any]) -> str:
 def fundus_section(m: Mapping[str, Any]) -> str:
     fs = m.get("fundus") or {}
     out = ['<h2 id="fundus">Fundus image statistics</h2>']
-    if skipped(fs):
-        return "".join(out) + f'<p class="note">skipped: {esc(skipped(fs))}</p>'
+    if note := skipped_note(fs):
+        return "".join(out) + note
     rows = []
     for r in fs.get("rows", []):
         rows.append(
@@ -329,8 +329,8 @@ def fundus_section(m: Mapping[str, Any]) -> str:
 def privacy_section(m: Mapping[str, Any], pairs: Sequence[CopyPair]) -> str:
     pr = m.get("privacy") or {}
     out = ['<h2 id="privacy">Privacy: nearest training images</h2>', note_line(m)]
-    if skipped(pr):
-        return "".join(out) + f'<p class="note">skipped: {esc(skipped(pr))}</p>'
+    if note := skipped_note(pr):
+        return "".join(out) + note
     rows = [
         [
             "median DCR (feature L2)",
@@ -392,8 +392,8 @@ def privacy_section(m: Mapping[str, Any], pairs: Sequence[CopyPair]) -> str:
 def utility_section(m: Mapping[str, Any]) -> str:
     ut = m.get("utility") or {}
     out = ['<h2 id="utility">Utility: train on synthetic, test on real</h2>']
-    if skipped(ut):
-        return "".join(out) + f'<p class="note">skipped: {esc(skipped(ut))}</p>'
+    if note := skipped_note(ut):
+        return "".join(out) + note
     rows = [
         ["real", fmt(ut.get("real"), 3), fmt(ut.get("n_real_train"))],
         ["synthetic", fmt(ut.get("synthetic"), 3), fmt(ut.get("n_synthetic"))],

@@ -66,13 +66,13 @@ from generators.training_common import (
     ImageTextData,
     batch_indices,
     commit_checkpoint,
-    latest_checkpoint,
     step_generator,
 )
 from generators.vae_training import reconstruction_psnr, train_vae
 from runfiles import (
     METRICS_FILE,
     append_metrics,
+    read_latest,
     read_metrics,
     staged_folder,
 )
@@ -266,7 +266,7 @@ def finetune(
         opt, lambda s: min(1.0, (s + 1) / max(1, ft.warmup_steps))
     )
     start = 0
-    latest = latest_checkpoint(ckpt_root)
+    latest = read_latest(ckpt_root)
     if latest is not None:
         start = _load_step(latest, gen, ft, opt, sched)
         log.info("resuming from %s at step %d", latest, start)

@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 
 from runfiles import (
     prune_checkpoints,
-    read_latest,
     staged_folder,
     write_latest,
 )
@@ -100,8 +99,3 @@ def commit_checkpoint(ckpt_root: Path, name: str, write: callable, keep: int) ->
     write_latest(ckpt_root, name)
     prune_checkpoints(ckpt_root, keep)
     return final
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The checkpoint ``ckpt_root/latest`` names (validated: runfiles.read_latest)."""
-    return read_latest(ckpt_root)

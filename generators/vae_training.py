@@ -22,9 +22,9 @@ from generators.training_common import (
     ImageTextData,
     batch_indices,
     commit_checkpoint,
-    latest_checkpoint,
     step_generator,
 )
+from runfiles import read_latest
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def train_vae(
     start = 0
     ckpt_root = Path(ckpt_dir) if ckpt_dir is not None else None
     if ckpt_root is not None:
-        latest = latest_checkpoint(ckpt_root)
+        latest = read_latest(ckpt_root)
         if latest is not None:
             start = _load_vae_state(latest, vae, disc, opt, sched, d_opt)
             log.info("VAE: resuming from %s at step %d", latest, start)

@@ -20,7 +20,7 @@ from rl.config import RLRun
 from rl.gold import selection_score
 from rl.learner import Learner, save_rng_state
 from rl.records import finite
-from runfiles import atomic_write_text, commit_folder, prune_checkpoints, read_latest, write_latest
+from runfiles import atomic_write_text, commit_folder, prune_checkpoints, write_latest
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,6 @@ EVAL_DIR = "eval"
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def latest_rl_checkpoint(ckpt_root: Path) -> Path | None:
-    """The checkpoint ``ckpt_root/latest`` names (validated: runfiles.read_latest)."""
-    return read_latest(ckpt_root)
 
 
 def broadcast(obj: Any, src: int = 0) -> Any:

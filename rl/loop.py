@@ -41,18 +41,16 @@ from rl.checkpoints import (
     broadcast,
     commit_rl_checkpoint,
     export_adapter,
-    latest_rl_checkpoint,
     write_rank_record,
 )
 from rl.config import RLRun
 from rl.gold import make_gold_judge
 from rl.inputs import iteration_requests
 from rl.learner import Learner, group_advantages, load_rng_state
-from rl.records import is_number
 from rl.rollout import Backend, LocalBackend, evaluate_adapter, score_map
 from rl.samplers import SampleRequest
 from rl.trajectories import Trajectories
-from runfiles import METRICS_FILE, append_metrics
+from runfiles import METRICS_FILE, append_metrics, is_number, read_latest
 from runfiles.config import to_dict
 
 log = logging.getLogger(__name__)
@@ -247,7 +245,7 @@ def save_checkpoint(learner: Learner, ckpt_root: Path, done: int, cfg: RLRun) ->
 def resume(learner: Learner, ckpt_root: Path, run_name: str) -> int:
     """Load the checkpoint ``latest`` names, if any (engine, optimizer steps, RNG); the
     number of iterations it has done (0 without one)."""
-    latest = latest_rl_checkpoint(ckpt_root)
+    latest = read_latest(ckpt_root)
     if latest is None:
         return 0
     learner.load(latest)

@@ -10,13 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runfiles import METRICS_FILE, read_metrics
+from runfiles import METRICS_FILE, is_number, read_metrics
 
 log = logging.getLogger(__name__)
-
-
-def is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def eval_curve(records: Sequence[dict[str, Any]]) -> list[float]:

@@ -29,12 +29,13 @@ from runfiles.files import (
     staged_folder,
     write_latest,
 )
-from runfiles.metrics import METRICS_FILE, append_metrics, read_metrics
+from runfiles.metrics import METRICS_FILE, append_metrics, is_number, read_metrics
 
 __all__ = [
     "LATEST",
     "METRICS_FILE",
     "append_metrics",
+    "is_number",
     "read_metrics",
     "atomic_path",
     "atomic_write_bytes",

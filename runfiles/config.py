@@ -22,7 +22,6 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import field
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -237,8 +236,3 @@ class RunSection:
             raise ConfigError(
                 f"run.name: {self.name!r} is not a valid run name (no '/', not empty)"
             )
-
-    @property
-    def run_dir(self) -> Path:
-        """``root/name``: the run's directory."""
-        return Path(self.root) / self.name

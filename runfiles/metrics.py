@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
+def is_number(value: Any) -> bool:
+    """A metric value that is a number (int or float, not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def append_metrics(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
     """Append ``records`` to ``path`` (one line each, flushed and fsynced); how many."""
     lines = [json.dumps(dict(r), default=str) + "\n" for r in records]

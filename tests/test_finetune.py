@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from generators.datasets import ingest_csv
 from generators.finetune import iter_metrics
-from generators.training_common import commit_checkpoint, latest_checkpoint
+from generators.training_common import commit_checkpoint
 from medrl.cli import main
+from runfiles import read_latest
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_resume_continues_the_step_count_and_matches_uninterrupted(disc_dataset,
     assert main(_args(disc_dataset, runs, "cut", "finetune.steps=4")) == 0
     run = runs / "cut"
     assert (run / "config.yaml").is_file()
-    assert latest_checkpoint(run / "checkpoints").name == "step-000004"
+    assert read_latest(run / "checkpoints").name == "step-000004"
     assert main(_args(disc_dataset, runs, "cut", "finetune.steps=6")) == 0
     unet_steps = [m["step"] for m in iter_metrics(run) if m["stage"] == "unet" and "loss" in m]
     assert unet_steps == [1, 2, 3, 4, 5, 6]  # the rerun went on at 5, nothing repeated
@@ -96,7 +97,7 @@ def _finetuned_reference(run: Path):
     from medrl.config import load_config
 
     cfg = load_config(run / "config.yaml")
-    ckpt = latest_checkpoint(run / "checkpoints")
+    ckpt = read_latest(run / "checkpoints")
     trained_vae = load_generator(run / "generator").vae
     base = build_generator(cfg.model, seed=cfg.run.seed)
     base.pipe.vae = trained_vae
@@ -153,7 +154,7 @@ def test_fine_tuning_result_is_where_generate_and_rl_start(disc_dataset, tmp_pat
     saved_te = saved.text_encoder.state_dict()
     assert all(torch.equal(saved_te[k], v) for k, v in te.items())
     # the rating pool's view of the last checkpoint is the same model
-    again = load_checkpoint_generator(run, latest_checkpoint(run / "checkpoints"))
+    again = load_checkpoint_generator(run, read_latest(run / "checkpoints"))
     torch.testing.assert_close(sample(again, prompts, [0, 1, 2, 3], **kw).images, want,
                                rtol=0, atol=2e-4)  # fmt: skip
     if mode == "lora":
@@ -196,7 +197,7 @@ def test_fine_tuning_result_is_where_generate_and_rl_start(disc_dataset, tmp_pat
     for p in table.path:
         assert Image.open(out / p).size == (32, 32)
     if mode == "lora":
-        ckpt = latest_checkpoint(run / "checkpoints")
+        ckpt = read_latest(run / "checkpoints")
         assert (ckpt / "lora.safetensors").is_file() and not (ckpt / "unet.safetensors").exists()
         # switching a run from lora to full is refused with a clear message
         capsys.readouterr()
@@ -241,5 +242,5 @@ def test_commit_checkpoint_never_leaves_a_half_written_one(tmp_path):
 
     with pytest.raises(RuntimeError):
         commit_checkpoint(root, "step-000002", boom, keep=2)
-    assert latest_checkpoint(root).name == "step-000001"
+    assert read_latest(root).name == "step-000001"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000001"]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from generators.config import FinetuneConfig, VaeConfig
 from generators.model import build_vae
-from generators.training_common import ImageTextData, latest_checkpoint
+from generators.training_common import ImageTextData
 from generators.vae_loss import (
     PatchDiscriminator,
     adaptive_weight,
@@ -21,6 +21,7 @@ from generators.vae_loss import (
     laplacian_pyramid_loss,
 )
 from generators.vae_training import train_vae
+from runfiles import read_latest
 
 RES = 16
 
@@ -118,9 +119,9 @@ def test_train_vae_resume_matches_uninterrupted(tmp_path, disc_weight):
     cut = _gen()
     ckpt = tmp_path / "vae-train"
     train_vae(cut, _data(), cfg, seed=0, ckpt_dir=ckpt, stop_after=3)
-    assert latest_checkpoint(ckpt).name == "step-000003"
+    assert read_latest(ckpt).name == "step-000003"
     if disc_weight > 0:
-        assert (latest_checkpoint(ckpt) / "discriminator.safetensors").is_file()
+        assert (read_latest(ckpt) / "discriminator.safetensors").is_file()
     resumed = _gen()  # a fresh process: the same random init, then the checkpoint
     f_resumed = train_vae(resumed, _data(), cfg, seed=0, ckpt_dir=ckpt)
     assert f_resumed == pytest.approx(f_whole, rel=1e-5)

@@ -212,7 +212,7 @@ def test_near_deterministic_steps_are_not_trained(rl_generator_dir, tmp_path):
         (0, 2, 8, 4, (0, 0, 0, 1, 0)),  # nothing passed the gate: no step
     ],
 )
-def test_batch_plan_states_the_arithmetic_and_the_learner_follows_it(
+def test_batch_plan_states_the_arithmetic_and_the_shards_match_it(
     samples, world, micro, updates, expect
 ):
     # the rl.* keys batch_plan reads
