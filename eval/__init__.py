@@ -7,7 +7,10 @@
 - ``eval.fundus_stats``: fundus image statistics (SNR, contrast, sharpness, vessels, lighting);
 - ``eval.prompt_metrics``: Prompt-to-Polyp Fidelity / Agreement / Diversity / FBD;
 - ``eval.privacy``: nearest-training-image distances and near-copy flags;
-- ``eval.utility``: train-on-synthetic classifier utility and generation accuracy.
+- ``eval.utility``: train-on-synthetic classifier utility and generation accuracy;
+- ``eval.evaluate``: ``medrl eval``, a loop over the metric objects of ``eval.metrics`` and
+  ``eval.image_metrics`` (``update`` per chunk of decoded images, ``compute`` per section),
+  on the images ``eval.samples`` finds; ``eval.report``: the HTML page.
 
 Definitions, units and caveats: docs/metrics.md.
 """

@@ -261,6 +261,11 @@ def compare_fundus_stats(
         size = int(min(gen_list[0].shape[:2]))
     r = fundus_statistics(real, size, fov_threshold)
     g = fundus_statistics(gen_list, size, fov_threshold)
-    rm, rs, gm, gs = r.mean(), r.std(), g.mean(), g.std()
+    return compare_statistics(r, g)
+
+
+def compare_statistics(real: FundusStats, generated: FundusStats) -> FundusComparison:
+    """The side-by-side table of two sets' statistics (computed at one size)."""
+    rm, rs, gm, gs = real.mean(), real.std(), generated.mean(), generated.std()
     rows = [StatRow(k, rm[k], rs[k], gm[k], gs[k]) for k in STAT_NAMES]
-    return FundusComparison(rows=rows, size=size, n_real=r.n, n_generated=g.n)
+    return FundusComparison(rows=rows, size=generated.size, n_real=real.n, n_generated=generated.n)

@@ -42,6 +42,8 @@ from eval.distances import ArrayLike, as_feature_matrix
 from eval.image_batch import ImageBatch, num_images, resized_float_batch
 
 Metric = Literal["l2", "cosine"]
+#: Side (px) of the small copies SSIM compares.
+SSIM_SIZE = 64
 
 
 def nearest_neighbours(
@@ -205,7 +207,7 @@ def privacy_report(
     metric: Metric = "l2",
     percentile: float = 1.0,
     ssim_threshold: float = 0.95,
-    ssim_size: int = 64,
+    ssim_size: int = SSIM_SIZE,
     candidates: int = 5,
     feature_name: str = "unnamed features",
 ) -> PrivacyResult:

@@ -24,6 +24,9 @@ from torch import nn
 from eval.image_batch import ImageBatch, iter_float_batches, num_images, resized_float_batch
 from generators.images import resize
 
+#: Side (px) every image is resized to before the classifiers see it.
+UTILITY_SIZE = 32
+
 
 class TinyCNN(nn.Module):
     """conv(3->16) -> pool -> conv(16->32) -> pool -> global mean -> linear. Input [-1, 1].
@@ -183,7 +186,7 @@ def utility_report(
     real_test: ImageBatch,
     real_test_labels: Sequence[int] | np.ndarray | torch.Tensor,
     epochs: int = 8,
-    input_size: int = 32,
+    input_size: int = UTILITY_SIZE,
     seed: int = 0,
 ) -> UtilityResult:
     """Train on real, synthetic, and real + synthetic; test each on held-out real images.

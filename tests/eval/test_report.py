@@ -18,9 +18,9 @@ from PIL import Image
 
 from eval.charts import curve_series, svg_line_chart
 from eval.distances import frechet_distance
-from eval.evaluate import UNKNOWN_PROMPT, _round_robin, find_samples, load_square
 from eval.example import write_example
 from eval.features import NOT_COMPARABLE_NOTE, FallbackFeatures
+from eval.samples import UNKNOWN_PROMPT, find_samples, load_square, round_robin
 from generators.datasets import read_manifest
 from medrl.cli import main
 
@@ -180,8 +180,8 @@ def test_a_directory_of_images_is_one_unknown_prompt(example):
 
 def test_max_images_takes_prompts_in_turn():
     prompts = ["a", "a", "a", "b", "c", "c"]
-    assert _round_robin(prompts, 4) == [0, 1, 3, 4]
-    assert _round_robin(prompts, 10) == list(range(6))
+    assert round_robin(prompts, 4) == [0, 1, 3, 4]
+    assert round_robin(prompts, 10) == list(range(6))
 
 
 def _fresh_run(example, tmp_path):
