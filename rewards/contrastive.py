@@ -27,7 +27,6 @@ what they learnt).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import time
@@ -45,6 +44,7 @@ from generators.images import load_image, resize, to_tensor
 from rewards.config import RewardsConfig
 from rewards.models import AlignmentPolicy
 from rewards.towers import pooled_size
+from rewards.training_fit import optimizer_step, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,52 @@ def _batch_texts(
     return texts, eye_of, hard, hard_of
 
 
+def _eye_pair_loss(
+    u: torch.Tensor, v: torch.Tensor, t: torch.Tensor, eye: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, float] | None:
+    """Two-way cross-entropy of each image's true prompt ``v`` against its eye-swapped one
+    (``t[eye]``; -1: none) and the share where the true one is closer; None if none has one."""
+    has = eye >= 0
+    if not has.any():
+        return None
+    rows = has.nonzero().squeeze(-1)
+    true = (u[rows] * v[rows]).sum(-1)
+    wrong = (u[rows] * t[eye[rows]]).sum(-1)
+    pair = F.cross_entropy(
+        torch.stack([true, wrong], 1) / temperature,
+        torch.zeros(len(rows), dtype=torch.long, device=u.device),
+    )
+    return pair, float((true > wrong).float().mean())
+
+
+def _pretrain_loss(
+    model: AlignmentPolicy,
+    proj: _Projections,
+    x: torch.Tensor,
+    prompts: Sequence[str],
+    cfg: RewardsConfig,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one batch of images ``x`` (in [-1, 1]) and their prompts, and its parts."""
+    if cfg.pretrain_flip:
+        x = torch.cat([x, x.flip(-1)])
+    texts, eye_of, hard, hard_of = _batch_texts(
+        prompts, cfg.pretrain_flip, cfg.pretrain_grade_swap, rng
+    )
+    tok = model.tokenize(texts + hard)
+    t_all = model.text_features(tok["input_ids"], tok["attention_mask"])
+    u, t = proj(model, model.image_features(x), t_all)
+    v, h = t[: len(texts)], t[len(texts) :]
+    loss, parts = contrastive_loss(u, v, h if hard else None, cfg.pretrain_temperature)
+    eye = torch.as_tensor(eye_of, device=x.device)
+    eye_pair = _eye_pair_loss(u, v, t, eye, cfg.pretrain_temperature)
+    if eye_pair is not None:
+        loss = loss + cfg.pretrain_hard_weight * eye_pair[0]
+        parts["eye_accuracy"] = eye_pair[1]
+    parts["loss"] = float(loss.detach())
+    return loss, parts
+
+
 def pretrain_towers(
     model: AlignmentPolicy,
     images: torch.Tensor,
@@ -217,15 +263,7 @@ def pretrain_towers(
     opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
     batch = min(cfg.pretrain_batch_size, len(images))
     per_epoch = max(1, len(images) // batch)  # full batches only: InfoNCE needs negatives
-    total = epochs * per_epoch
-    warmup = max(1, total // 20)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = warmup_cosine(opt, epochs * per_epoch)
     rng = np.random.default_rng([seed, 11])
     history: list[dict[str, float]] = []
     model.train()
@@ -236,35 +274,8 @@ def pretrain_towers(
         for b in range(per_epoch):
             idx = order[b * batch : (b + 1) * batch]
             x = images[torch.as_tensor(idx)].to(device).float().div(127.5).sub(1.0)
-            if cfg.pretrain_flip:
-                x = torch.cat([x, x.flip(-1)])
-            texts, eye_of, hard, hard_of = _batch_texts(
-                [prompts[i] for i in idx], cfg.pretrain_flip, cfg.pretrain_grade_swap, rng
-            )
-            tok = model.tokenize(texts + hard)
-            t_all = model.text_features(tok["input_ids"], tok["attention_mask"])
-            u, t = proj(model, model.image_features(x), t_all)
-            v, h = t[: len(texts)], t[len(texts) :]
-            loss, parts = contrastive_loss(u, v, h if hard else None, cfg.pretrain_temperature)
-            eye = torch.as_tensor(eye_of, device=device)
-            has = eye >= 0
-            if has.any():
-                rows = has.nonzero().squeeze(-1)
-                true = (u[rows] * v[rows]).sum(-1)
-                wrong = (u[rows] * t[eye[rows]]).sum(-1)
-                pair = F.cross_entropy(
-                    torch.stack([true, wrong], 1) / cfg.pretrain_temperature,
-                    torch.zeros(len(rows), dtype=torch.long, device=device),
-                )
-                loss = loss + cfg.pretrain_hard_weight * pair
-                parts["eye_accuracy"] = float((true > wrong).float().mean())
-            parts["loss"] = float(loss.detach())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
+            loss, parts = _pretrain_loss(model, proj, x, [prompts[i] for i in idx], cfg, rng)
+            optimizer_step(loss, opt, sched, params, cfg.grad_clip)
             for k, val in parts.items():
                 sums[k] = sums.get(k, 0.0) + val
         history.append({k: val / per_epoch for k, val in sums.items()})
@@ -272,7 +283,7 @@ def pretrain_towers(
     model.eval()
     return {
         "epochs": epochs,
-        "steps": total,
+        "steps": epochs * per_epoch,
         "pairs": len(images),
         "first_epoch": history[0],
         "last_epoch": history[-1],
