@@ -29,8 +29,9 @@ objectives on held-out ratings (split by image): Spearman and Pearson correlatio
 mean absolute error, and the accuracy of the pass/fail decision at the threshold.
 
 This module is the entry point (:func:`train_rewards`); the losses are in
-:mod:`rewards.objectives`, the ratings as data in :mod:`rewards.rating_data`, fitting one
-model in :mod:`rewards.training_fit`, the held-out metrics and the report's table in
+:mod:`rewards.objectives`, the ratings as data in :mod:`rewards.rating_data`, the models'
+training and held-out sets in :mod:`rewards.training_data`, fitting one model in
+:mod:`rewards.training_fit`, the held-out metrics and the report's table in
 :mod:`rewards.training_report`.
 """
 
@@ -51,19 +52,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
-from generators.model import build_tokenizer, resolve_device
+from generators.model import resolve_device
 from rewards.config import RewardsConfig
 from rewards.contrastive import load_manifest_pairs, pretrain_towers
 from rewards.models import WEIGHTS_FILE, AlignmentPolicy, QualitySelector, RewardModel
 from rewards.ood import fit_ood_guard, selector_features
-from rewards.rating_data import (
-    holdout_split,
-    image_source,
-    load_images,
-    rating_targets,
-)
+from rewards.rating_data import holdout_split, rating_targets
 from rewards.ratings import read_ratings
-from rewards.towers import vision_input_size
+from rewards.training_data import RatedSets, rated_sets
 from rewards.training_fit import Batchable, fit
 from rewards.training_report import (
     agreement_by_source,
@@ -107,6 +103,107 @@ def _start_from(model: RewardModel, previous: Path, device: torch.device) -> Non
     log.info("%s starts from %s", model.kind, previous)
 
 
+def _held_out(
+    pred: np.ndarray, data: Batchable, sources: Sequence[str] | None, threshold: float
+) -> dict[str, Any]:
+    """:func:`agreement_metrics` of ``pred`` on ``data``, split ``by_source`` when given."""
+    metrics = agreement_metrics(pred, data.target.numpy(), threshold)
+    if sources is not None:
+        metrics["by_source"] = agreement_by_source(pred, data.target.numpy(), sources, threshold)
+    return metrics
+
+
+def _train_selector(
+    objective: str,
+    cfg: RewardsConfig,
+    train: Batchable,
+    test: Batchable,
+    device: torch.device,
+    sources: Sequence[str] | None,
+) -> tuple[QualitySelector, dict[str, Any]]:
+    """The selector trained with ``objective``, and its held-out agreement and statistics."""
+    t0 = time.perf_counter()
+    _seed_all(cfg.seed)
+    selector = QualitySelector.from_config(cfg).to(device)
+    if cfg.init_from:
+        _start_from(selector, Path(cfg.init_from) / "selector", device)
+    sel_fit = fit(
+        selector, train, cfg, objective, cfg.epochs, device=device,
+        desc=f"selector ({objective})", seed=cfg.seed,
+    )  # fmt: skip
+    metrics = _held_out(predict(selector, test, device), test, sources, cfg.threshold)
+    log.info("selector (%s): held-out Spearman %s", objective, metrics["spearman"])
+    return selector, {**metrics, "train": sel_fit, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _start_alignment(
+    policy: AlignmentPolicy,
+    cfg: RewardsConfig,
+    pretrain_pairs: tuple[torch.Tensor, list[str]] | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Start ``policy`` from ``rewards.init_from`` or contrastive pre-training (if either)."""
+    if cfg.init_from:  # the towers come trained (and pre-trained, if they were) with it
+        _start_from(policy, Path(cfg.init_from) / "alignment", device)
+        return {"epochs": 0, "init_from": cfg.init_from}
+    if pretrain_pairs is not None and cfg.pretrain_epochs > 0:
+        return _pretrain_alignment(policy, pretrain_pairs, cfg, device)
+    return {"epochs": 0}
+
+
+def _train_alignment(
+    objective: str,
+    ali_objective: str,
+    cfg: RewardsConfig,
+    selector: QualitySelector,
+    train: Batchable,
+    test: Batchable,
+    device: torch.device,
+    pretrain_pairs: tuple[torch.Tensor, list[str]] | None,
+    test_prompts: Sequence[str],
+    sources: Sequence[str] | None,
+) -> tuple[AlignmentPolicy, dict[str, Any]]:
+    """The alignment policy (pre-training, stages 1, 2), its held-out agreement and statistics."""
+    t1 = time.perf_counter()
+    _seed_all(cfg.seed + 1)
+    policy = AlignmentPolicy.from_config(cfg).to(device)
+    pretrain = _start_alignment(policy, cfg, pretrain_pairs, device)
+    tower_lr = cfg.tower_lr_scale if pretrain["epochs"] or cfg.init_from else 1.0
+    stage1 = fit(
+        policy, train, cfg, ali_objective, cfg.stage1_epochs, device=device,
+        desc=f"alignment stage 1 ({ali_objective})", seed=cfg.seed + 1,
+        tower_lr_scale=tower_lr,
+    )  # fmt: skip
+    passed = np.flatnonzero(predict(selector, train.images_only(), device) >= cfg.threshold)
+    log.info(
+        "alignment stage 2 (%s): %d of %d training pairs pass the selector (score >= %.2f)",
+        objective, len(passed), len(train), cfg.threshold,
+    )  # fmt: skip
+    stage2 = fit(
+        policy, train.subset(passed), cfg, ali_objective, cfg.stage2_epochs, device=device,
+        desc=f"alignment stage 2 ({ali_objective})", seed=cfg.seed + 2,
+        tower_lr_scale=tower_lr,
+    )  # fmt: skip
+    ali_pred = predict(policy, test, device)
+    metrics = _held_out(ali_pred, test, sources, cfg.threshold)
+    test_passed = predict(selector, test.images_only(), device) >= cfg.threshold
+    metrics_passed = agreement_metrics(
+        ali_pred[test_passed], test.target.numpy()[test_passed], cfg.threshold
+    )
+    t2 = time.perf_counter()
+    return policy, {
+        **metrics,
+        "objective": ali_objective,
+        "fusion": policy.fusion_kind,
+        "eye_swap": eye_swap_detection(policy, test, test_prompts, device),
+        "pretrain": pretrain,
+        "passed_selector": metrics_passed,
+        "stage1": stage1,
+        "stage2": {**stage2, "passed": int(len(passed)), "of": len(train)},
+        "seconds": round(t2 - t1, 1),
+    }
+
+
 def _train_one_objective(
     objective: str,
     cfg: RewardsConfig,
@@ -129,75 +226,15 @@ def _train_one_objective(
     ``sources`` (``selector``: one per ``sel_test`` image, ``alignment``: one per
     ``ali_test`` pair) split the held-out agreement by where the images came from.
     """
-    ali_objective = alignment_objective or objective
-    t0 = time.perf_counter()
-    _seed_all(cfg.seed)
-    selector = QualitySelector.from_config(cfg).to(device)
-    if cfg.init_from:
-        _start_from(selector, Path(cfg.init_from) / "selector", device)
-    sel_fit = fit(
-        selector, sel_train, cfg, objective, cfg.epochs, device=device,
-        desc=f"selector ({objective})", seed=cfg.seed,
-    )  # fmt: skip
-    sel_pred = predict(selector, sel_test, device)
-    sel_metrics = agreement_metrics(sel_pred, sel_test.target.numpy(), cfg.threshold)
+    sel_sources = ali_sources = None
     if sources is not None:
-        sel_metrics["by_source"] = agreement_by_source(
-            sel_pred, sel_test.target.numpy(), sources["selector"], cfg.threshold
-        )
-    log.info("selector (%s): held-out Spearman %s", objective, sel_metrics["spearman"])
-    t1 = time.perf_counter()
-
-    _seed_all(cfg.seed + 1)
-    policy = AlignmentPolicy.from_config(cfg).to(device)
-    pretrain: dict[str, Any] = {"epochs": 0}
-    if cfg.init_from:  # the towers come trained (and pre-trained, if they were) with it
-        _start_from(policy, Path(cfg.init_from) / "alignment", device)
-        pretrain = {"epochs": 0, "init_from": cfg.init_from}
-    elif pretrain_pairs is not None and cfg.pretrain_epochs > 0:
-        pretrain = _pretrain_alignment(policy, pretrain_pairs, cfg, device)
-    tower_lr = cfg.tower_lr_scale if pretrain["epochs"] or cfg.init_from else 1.0
-    stage1 = fit(
-        policy, ali_train, cfg, ali_objective, cfg.stage1_epochs, device=device,
-        desc=f"alignment stage 1 ({ali_objective})", seed=cfg.seed + 1,
-        tower_lr_scale=tower_lr,
+        sel_sources, ali_sources = sources["selector"], sources["alignment"]
+    selector, sel_result = _train_selector(objective, cfg, sel_train, sel_test, device, sel_sources)
+    policy, ali_result = _train_alignment(
+        objective, alignment_objective or objective, cfg, selector, ali_train, ali_test, device,
+        pretrain_pairs, test_prompts, ali_sources,
     )  # fmt: skip
-    passed = np.flatnonzero(predict(selector, ali_train.images_only(), device) >= cfg.threshold)
-    log.info(
-        "alignment stage 2 (%s): %d of %d training pairs pass the selector (score >= %.2f)",
-        objective, len(passed), len(ali_train), cfg.threshold,
-    )  # fmt: skip
-    stage2 = fit(
-        policy, ali_train.subset(passed), cfg, ali_objective, cfg.stage2_epochs, device=device,
-        desc=f"alignment stage 2 ({ali_objective})", seed=cfg.seed + 2,
-        tower_lr_scale=tower_lr,
-    )  # fmt: skip
-    ali_pred = predict(policy, ali_test, device)
-    ali_metrics = agreement_metrics(ali_pred, ali_test.target.numpy(), cfg.threshold)
-    if sources is not None:
-        ali_metrics["by_source"] = agreement_by_source(
-            ali_pred, ali_test.target.numpy(), sources["alignment"], cfg.threshold
-        )
-    test_passed = predict(selector, ali_test.images_only(), device) >= cfg.threshold
-    ali_metrics_passed = agreement_metrics(
-        ali_pred[test_passed], ali_test.target.numpy()[test_passed], cfg.threshold
-    )
-    t2 = time.perf_counter()
-    result = {
-        "selector": {**sel_metrics, "train": sel_fit, "seconds": round(t1 - t0, 1)},
-        "alignment": {
-            **ali_metrics,
-            "objective": ali_objective,
-            "fusion": policy.fusion_kind,
-            "eye_swap": eye_swap_detection(policy, ali_test, test_prompts, device),
-            "pretrain": pretrain,
-            "passed_selector": ali_metrics_passed,
-            "stage1": stage1,
-            "stage2": {**stage2, "passed": int(len(passed)), "of": len(ali_train)},
-            "seconds": round(t2 - t1, 1),
-        },
-    }
-    return result, selector, policy
+    return {"selector": sel_result, "alignment": ali_result}, selector, policy
 
 
 # rewards.* keys that do not shape the contrastively pre-trained towers (the cache key
@@ -257,6 +294,104 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def _rated_sets(ratings: Path, root: Path, cfg: RewardsConfig) -> RatedSets:
+    """The ratings read, turned into targets, split by image and loaded as the models' sets."""
+    frame = read_ratings(ratings)
+    items = rating_targets(frame)
+    train_idx, test_idx = holdout_split(
+        items["image_path"].tolist(), cfg.holdout_fraction, cfg.seed
+    )
+    if len(train_idx) == 0:
+        raise ValueError(f"{ratings}: no ratings left to train on after the hold-out split")
+    log.info(
+        "%d ratings of %d (image, prompt) pairs by %d rater(s): %d train, %d held out",
+        len(frame), len(items), frame["rater_id"].nunique(), len(train_idx), len(test_idx),
+    )  # fmt: skip
+    return rated_sets(frame, items, train_idx, test_idx, root, cfg)
+
+
+def _pretrain_pairs(cfg: RewardsConfig, size: int) -> tuple[torch.Tensor, list[str]] | None:
+    """The manifest's training-split pairs for contrastive pre-training, if it is on."""
+    if not (cfg.pretrain_manifest and cfg.pretrain_epochs > 0):
+        return None
+    # the training split only: the held-out images stay unseen by every model
+    pairs = load_manifest_pairs(cfg.pretrain_manifest, size, split="train")
+    log.info(
+        "contrastive pre-training of the alignment towers on %d pairs of %s",
+        len(pairs[1]), cfg.pretrain_manifest,
+    )  # fmt: skip
+    return pairs
+
+
+def _save_models(
+    where: Path,
+    selector: QualitySelector,
+    policy: AlignmentPolicy,
+    result: dict[str, Any],
+    objective: str,
+    cfg: RewardsConfig,
+    ratings: Path,
+) -> dict[str, str]:
+    """Save one objective's models under ``where``; returns their folders."""
+    common = {
+        "objective": objective,
+        "threshold": cfg.threshold,
+        "reward_weights": {"quality": cfg.quality_weight, "alignment": cfg.alignment_weight},
+        "rewards_config": to_dict(cfg),
+        "ratings": str(ratings),
+    }
+    selector.save_pretrained(where / "selector", training=result["selector"], **common)
+    policy.save_pretrained(where / "alignment", training=result["alignment"], **common)
+    return {"selector": str(where / "selector"), "alignment": str(where / "alignment")}
+
+
+def _report(
+    cfg: RewardsConfig,
+    data: RatedSets,
+    ali_objective: str,
+    pretrain_pairs: tuple[torch.Tensor, list[str]] | None,
+    ood: dict[str, Any],
+    results: dict[str, Any],
+    checkpoints: dict[str, dict[str, str]],
+) -> dict[str, Any]:
+    """The report of a training (without its ``seconds``)."""
+    frame, items = data.frame, data.items
+    report: dict[str, Any] = {
+        "objective": cfg.objective,
+        "alignment_objective": ali_objective,
+        "fusion": cfg.fusion,
+        "pretrain": {
+            "manifest": cfg.pretrain_manifest or None,
+            "epochs": cfg.pretrain_epochs if pretrain_pairs is not None else 0,
+            "pairs": 0 if pretrain_pairs is None else len(pretrain_pairs[1]),
+        },
+        "ratings": int(len(frame)),
+        "raters": sorted(frame["rater_id"].unique().tolist()),
+        "pairs": int(len(items)),
+        "images": int(len(data.selector)),
+        "train_pairs": int(len(data.train_idx)),
+        "heldout_pairs": int(len(data.test_idx)),
+        "train_images": int(len(data.sel_train)),
+        "heldout_images": int(len(data.sel_test)),
+        "alignment_target_from_faithfulness": int((items["from_faithfulness"] > 0).sum()),
+        "threshold": cfg.threshold,
+        "sources": {
+            k: int(v) for k, v in pd.Series(data.item_source).value_counts().sort_index().items()
+        },
+        "ood_guard": ood,
+        "results": results,
+        "checkpoints": checkpoints,
+    }
+    if "reinforce" in results and "regression" in results:
+        report["reinforce_over_regression"] = {
+            model: _ratio(
+                results["reinforce"][model]["spearman"], results["regression"][model]["spearman"]
+            )
+            for model in ("selector", "alignment")
+        }
+    return report
+
+
 def train_rewards(
     ratings: str | os.PathLike,
     images_root: str | os.PathLike | None,
@@ -284,59 +419,8 @@ def train_rewards(
     ratings_path = Path(ratings)
     root = Path(images_root) if images_root else ratings_path.parent
     dev = resolve_device(device)
-    frame = read_ratings(ratings_path)
-    items = rating_targets(frame)
-    train_idx, test_idx = holdout_split(
-        items["image_path"].tolist(), cfg.holdout_fraction, cfg.seed
-    )
-    if len(train_idx) == 0:
-        raise ValueError(f"{ratings_path}: no ratings left to train on after the hold-out split")
-    log.info(
-        "%d ratings of %d (image, prompt) pairs by %d rater(s): %d train, %d held out",
-        len(frame), len(items), frame["rater_id"].nunique(), len(train_idx), len(test_idx),
-    )  # fmt: skip
-
-    ckpt_of = frame.drop_duplicates("image_path").set_index("image_path")["generator_ckpt"]
-    item_source = [image_source(ckpt_of.get(p, "")) for p in items["image_path"]]
-    size = vision_input_size(cfg.vision)
-    images = load_images(root, items["image_path"].tolist(), size)
-    alignment = torch.tensor(items["alignment"].to_numpy(), dtype=torch.float32)
-    tok = build_tokenizer(cfg.text_encoder)(
-        items["prompt"].tolist(),
-        padding=True,
-        truncation=True,
-        max_length=cfg.text_encoder.max_length,
-        return_tensors="pt",
-    )
-    # the selector sees each image once (its mean quality over the prompts it was rated with)
-    by_image = items.assign(i=range(len(items))).groupby("image_path", sort=False)["i"]
-    first = by_image.first().to_numpy()
-    image_quality = torch.tensor(
-        items.groupby("image_path", sort=False)["quality"].mean().to_numpy(), dtype=torch.float32
-    )
-    held_images = set(items["image_path"].iloc[test_idx])
-    image_held = np.array([items["image_path"].iloc[i] in held_images for i in first])
-    sel_all = Batchable(images[torch.tensor(first, dtype=torch.long)], image_quality)
-    sel_train, sel_test = (
-        sel_all.subset(np.flatnonzero(~image_held)),
-        sel_all.subset(np.flatnonzero(image_held)),
-    )
-    ali_all = Batchable(images, alignment, tok["input_ids"], tok["attention_mask"])
-    ali_train, ali_test = ali_all.subset(train_idx), ali_all.subset(test_idx)
-
-    pretrain_pairs = None
-    if cfg.pretrain_manifest and cfg.pretrain_epochs > 0:
-        # the training split only: the held-out images stay unseen by every model
-        pretrain_pairs = load_manifest_pairs(cfg.pretrain_manifest, size, split="train")
-        log.info(
-            "contrastive pre-training of the alignment towers on %d pairs of %s",
-            len(pretrain_pairs[1]), cfg.pretrain_manifest,
-        )  # fmt: skip
-    test_prompts = items["prompt"].iloc[test_idx].tolist()
-    sources = {
-        "selector": [item_source[i] for i in first[image_held]],
-        "alignment": [item_source[i] for i in test_idx],
-    }
+    data = _rated_sets(ratings_path, root, cfg)
+    pretrain_pairs = _pretrain_pairs(cfg, data.image_size)
     ali_objective = cfg.objective if cfg.alignment_objective == "same" else cfg.alignment_objective
 
     objectives = [cfg.objective]
@@ -345,66 +429,25 @@ def train_rewards(
     out = Path(out_dir)
     results: dict[str, Any] = {}
     checkpoints: dict[str, dict[str, str]] = {}
-    config_dict = to_dict(cfg)
     for objective in objectives:
         result, selector, policy = _train_one_objective(
-            objective, cfg, sel_train, sel_test, ali_train, ali_test, dev,
+            objective, cfg, data.sel_train, data.sel_test, data.ali_train, data.ali_test, dev,
             alignment_objective=ali_objective if objective == cfg.objective else None,
-            pretrain_pairs=pretrain_pairs, test_prompts=test_prompts, sources=sources,
+            pretrain_pairs=pretrain_pairs, test_prompts=data.test_prompts, sources=data.sources,
         )  # fmt: skip
         results[objective] = result
         where = out if objective == cfg.objective else out / f"compare-{objective}"
-        common = {
-            "objective": objective,
-            "threshold": cfg.threshold,
-            "reward_weights": {"quality": cfg.quality_weight, "alignment": cfg.alignment_weight},
-            "rewards_config": config_dict,
-            "ratings": str(ratings_path),
-        }
-        selector.save_pretrained(where / "selector", training=result["selector"], **common)
-        policy.save_pretrained(where / "alignment", training=result["alignment"], **common)
-        checkpoints[objective] = {
-            "selector": str(where / "selector"),
-            "alignment": str(where / "alignment"),
-        }
+        checkpoints[objective] = _save_models(
+            where, selector, policy, result, objective, cfg, ratings_path
+        )
         if objective == cfg.objective:  # the guard of the reward the RL will use
-            guard = fit_ood_guard(selector_features(selector, sel_all.images), cfg.ood_quantile)
+            guard = fit_ood_guard(
+                selector_features(selector, data.selector.images), cfg.ood_quantile
+            )
             guard.save(out)
             ood = {"pool_size": guard.pool_size, "quantile": guard.quantile, "edge": guard.edge}
 
-    report: dict[str, Any] = {
-        "objective": cfg.objective,
-        "alignment_objective": ali_objective,
-        "fusion": cfg.fusion,
-        "pretrain": {
-            "manifest": cfg.pretrain_manifest or None,
-            "epochs": cfg.pretrain_epochs if pretrain_pairs is not None else 0,
-            "pairs": 0 if pretrain_pairs is None else len(pretrain_pairs[1]),
-        },
-        "ratings": int(len(frame)),
-        "raters": sorted(frame["rater_id"].unique().tolist()),
-        "pairs": int(len(items)),
-        "images": int(len(sel_all)),
-        "train_pairs": int(len(train_idx)),
-        "heldout_pairs": int(len(test_idx)),
-        "train_images": int(len(sel_train)),
-        "heldout_images": int(len(sel_test)),
-        "alignment_target_from_faithfulness": int((items["from_faithfulness"] > 0).sum()),
-        "threshold": cfg.threshold,
-        "sources": {
-            k: int(v) for k, v in pd.Series(item_source).value_counts().sort_index().items()
-        },
-        "ood_guard": ood,
-        "results": results,
-        "checkpoints": checkpoints,
-    }
-    if "reinforce" in results and "regression" in results:
-        report["reinforce_over_regression"] = {
-            model: _ratio(
-                results["reinforce"][model]["spearman"], results["regression"][model]["spearman"]
-            )
-            for model in ("selector", "alignment")
-        }
+    report = _report(cfg, data, ali_objective, pretrain_pairs, ood, results, checkpoints)
     report["seconds"] = round(time.perf_counter() - started, 1)
     _write_json_atomic(out / REPORT_FILE, report)
     return report
