@@ -203,6 +203,73 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _rows_as_stored(
+    csv_path: Path,
+    root: Path,
+    round_dir: str | os.PathLike | None,
+    images_from: str | os.PathLike | None,
+) -> tuple[list[dict[str, Any]], list[RowProblem], int]:
+    """The CSV's rows with their image paths as stored (relative to ``root`` where they lie
+    under it; a rating sheet's completed from its round key), every problem found, and the
+    number of unrated sheet rows skipped."""
+    key = rounds.find_key(csv_path, round_dir)
+    sheet_dir = Path(round_dir) if round_dir is not None else csv_path.parent
+    rows, problems, unrated = read_csv(csv_path, skip_unrated=key is not None)
+    if key is not None:
+        rows = rounds.apply_key(rows, key, sheet_dir, root, problems)
+    elif images_from is not None:
+        for row in rows:
+            if not Path(row["image_path"]).is_absolute():
+                row["image_path"] = rounds.stored_path(Path(images_from) / row["image_path"], root)
+    if key is not None or images_from is not None:
+        _check_keys_unique(rows, problems)  # rewritten paths: check the file's own key again
+    return rows, problems, unrated
+
+
+def _check_keys_unique(rows: list[dict[str, Any]], problems: list[RowProblem]) -> None:
+    """Add a problem for every row whose store key an earlier row of the file has."""
+    keys: dict[tuple[str, str, str, str], int] = {}
+    for row in rows:
+        if rating_key(row) in keys:
+            problems.append(
+                RowProblem(
+                    row["source_line"],
+                    "row",
+                    f"same image, rater_id, timestamp and round as line {keys[rating_key(row)]}",
+                )
+            )
+        keys.setdefault(rating_key(row), row["source_line"])
+
+
+def _new_rows(
+    conn: sqlite3.Connection, rows: list[dict[str, Any]], problems: list[RowProblem]
+) -> list[dict[str, Any]]:
+    """The rows whose key is not stored yet; a problem for every row whose key is stored
+    with different values (one stored with the same values is neither)."""
+    fresh: list[dict[str, Any]] = []
+    for row in rows:
+        stored = conn.execute(
+            "SELECT * FROM ratings WHERE image_path = ? AND rater_id = ? "
+            "AND timestamp = ? AND round = ?",
+            rating_key(row),
+        ).fetchone()
+        if stored is None:
+            fresh.append(row)
+            continue
+        differ = [c for c in COLUMNS if not _same(row[c], stored[c])]
+        if differ:
+            what = ", ".join(f"{c} {stored[c]!r} (file: {row[c]!r})" for c in differ)
+            problems.append(
+                RowProblem(
+                    row["source_line"],
+                    "row",
+                    f"already stored from {stored['source']} line "
+                    f"{stored['source_line']} with different values: {what}",
+                )
+            )
+    return fresh
+
+
 def ingest_ratings(
     csv_path: str | os.PathLike,
     db: str | os.PathLike,
@@ -235,53 +302,13 @@ def ingest_ratings(
             with their CSV line); nothing is stored.
     """
     csv_path = Path(csv_path)
-    key = rounds.find_key(csv_path, round_dir)
-    sheet_dir = Path(round_dir) if round_dir is not None else csv_path.parent
-    rows, problems, unrated = read_csv(csv_path, skip_unrated=key is not None)
     root = Path(images_root) if images_root is not None else Path(db).parent
-    if key is not None:
-        rows = rounds.apply_key(rows, key, sheet_dir, root, problems)
-    elif images_from is not None:
-        for row in rows:
-            if not Path(row["image_path"]).is_absolute():
-                row["image_path"] = rounds.stored_path(Path(images_from) / row["image_path"], root)
-    if key is not None or images_from is not None:
-        keys: dict[tuple[str, str, str, str], int] = {}
-        for row in rows:  # rewritten paths: check the file's own key again
-            if rating_key(row) in keys:
-                problems.append(
-                    RowProblem(
-                        row["source_line"],
-                        "row",
-                        f"same image, rater_id, timestamp and round as line {keys[rating_key(row)]}",
-                    )
-                )
-            keys.setdefault(rating_key(row), row["source_line"])
+    rows, problems, unrated = _rows_as_stored(csv_path, root, round_dir, images_from)
     conn = connect(db)
     try:
         conn.execute("BEGIN IMMEDIATE")  # lock first, so checks and inserts see one state
         try:
-            fresh: list[dict[str, Any]] = []
-            for row in rows:
-                stored = conn.execute(
-                    "SELECT * FROM ratings WHERE image_path = ? AND rater_id = ? "
-                    "AND timestamp = ? AND round = ?",
-                    rating_key(row),
-                ).fetchone()
-                if stored is None:
-                    fresh.append(row)
-                    continue
-                differ = [c for c in COLUMNS if not _same(row[c], stored[c])]
-                if differ:
-                    what = ", ".join(f"{c} {stored[c]!r} (file: {row[c]!r})" for c in differ)
-                    problems.append(
-                        RowProblem(
-                            row["source_line"],
-                            "row",
-                            f"already stored from {stored['source']} line "
-                            f"{stored['source_line']} with different values: {what}",
-                        )
-                    )
+            fresh = _new_rows(conn, rows, problems)
             if problems:
                 raise DataValidationError(csv_path, problems)
             insert_ratings(conn, fresh, _now())
