@@ -109,6 +109,112 @@ def _variant_name(generator_dir: Path, adapter: str | None) -> str:
     return f"{generator_dir}+{adapter}" if adapter else str(generator_dir)
 
 
+def _checked_adapters(
+    prompts: Sequence[str], per_prompt: int, round_name: str, adapters: Sequence[str | None]
+) -> list[str | None]:
+    """The round's variants: one adapter each, None for the generator alone.
+
+    Raises:
+        ValueError: no prompts, ``per_prompt`` < 1, or a blank or padded round name.
+        FileNotFoundError: an adapter that is not there.
+    """
+    if per_prompt < 1 or not prompts:
+        raise ValueError(f"export_round: need prompts and per_prompt >= 1, got {per_prompt}")
+    if not round_name.strip() or round_name != round_name.strip():
+        raise ValueError(f"export_round: bad round name {round_name!r}")
+    adapters = list(adapters) or [None]
+    for a in adapters:
+        if a and not Path(a).exists():
+            raise FileNotFoundError(f"{a}: no such adapter")
+    return adapters
+
+
+def _sample_variant(
+    generator_dir: Path,
+    adapter: str | None,
+    jobs: list[tuple[str, int]],
+    tmp: Path,
+    device: Any,
+    dtype: str,
+    *,
+    num_steps: int,
+    eta: float,
+    guidance_scale: float,
+    batch_size: int,
+) -> list[dict[str, Any]]:
+    """Draw ``jobs`` (prompt, seed) from the generator with ``adapter`` into
+    ``tmp/images`` under random names; the key's entry of each image (with its path)."""
+    import torch
+
+    from generators.images import save_png, to_uint8
+    from generators.lora import load_adapter_into
+    from generators.model import inference_dtype, load_generator
+    from generators.sampling import sample
+
+    gen = load_generator(generator_dir)
+    if adapter:
+        load_adapter_into(gen.pipe, adapter)
+    gen = gen.to(device, inference_dtype(dtype, device))  # model.dtype on a GPU
+    with torch.inference_mode():
+        batch = sample(
+            gen,
+            [p for p, _ in jobs],
+            [s for _, s in jobs],
+            num_steps=num_steps,
+            eta=eta,
+            guidance_scale=guidance_scale,
+            batch_size=batch_size,
+        )
+    entries = []
+    for (prompt, s), img in zip(jobs, to_uint8(batch.images), strict=True):
+        rel = f"{IMAGES_DIR}/{secrets.token_hex(8)}.png"
+        save_png(img, tmp / rel)
+        entries.append(
+            {
+                "path": rel,
+                "prompt": prompt,
+                "generator_ckpt": _variant_name(generator_dir, adapter),
+                "generator": str(generator_dir),
+                "adapter": str(adapter or ""),
+                "seed": s,
+                "num_steps": num_steps,
+                "eta": eta,
+                "guidance_scale": guidance_scale,
+            }
+        )
+    return entries
+
+
+def _write_sheet_and_key(
+    tmp: Path, entries: list[dict[str, Any]], round_name: str, modality: str
+) -> None:
+    """Write the blind sheet (the images in random order, the rater's cells empty) and the
+    round's private key into ``tmp``."""
+    from rewards.sheet import COLUMNS
+
+    secrets.SystemRandom().shuffle(entries)  # the sheet's order says nothing either
+    rows = [
+        {
+            "image_path": e["path"],
+            "prompt": e["prompt"],
+            "modality": modality,
+            "round": round_name,
+        }
+        for e in entries
+    ]
+    with open(tmp / SHEET_FILE, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    key = {
+        "version": KEY_VERSION,
+        "round": round_name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "images": {e.pop("path"): e for e in entries},
+    }
+    (tmp / KEY_FILE).write_text(json.dumps(key, indent=1) + "\n", encoding="utf-8")
+
+
 def export_round(
     generator_dir: str | os.PathLike,
     prompts: Sequence[str],
@@ -142,22 +248,9 @@ def export_round(
     Returns:
         The sheet CSV path.
     """
-    import torch
+    from generators.model import resolve_device
 
-    from generators.images import save_png, to_uint8
-    from generators.lora import load_adapter_into
-    from generators.model import inference_dtype, load_generator, resolve_device
-    from generators.sampling import sample
-    from rewards.sheet import COLUMNS
-
-    if per_prompt < 1 or not prompts:
-        raise ValueError(f"export_round: need prompts and per_prompt >= 1, got {per_prompt}")
-    if not round_name.strip() or round_name != round_name.strip():
-        raise ValueError(f"export_round: bad round name {round_name!r}")
-    adapters = list(adapters) or [None]
-    for a in adapters:
-        if a and not Path(a).exists():
-            raise FileNotFoundError(f"{a}: no such adapter")
+    adapters = _checked_adapters(prompts, per_prompt, round_name, adapters)
     generator_dir = Path(generator_dir)
     out = require_empty_folder(out, " (a round is kept)")
     rng = np.random.default_rng([seed, 11])
@@ -166,58 +259,19 @@ def export_round(
         dev = resolve_device(device)
         entries: list[dict[str, Any]] = []
         for adapter in adapters:
-            gen = load_generator(generator_dir)
-            if adapter:
-                load_adapter_into(gen.pipe, adapter)
-            gen = gen.to(dev, inference_dtype(dtype, dev))  # model.dtype on a GPU
-            with torch.inference_mode():
-                batch = sample(
-                    gen,
-                    [p for p, _ in jobs],
-                    [s for _, s in jobs],
-                    num_steps=num_steps,
-                    eta=eta,
-                    guidance_scale=guidance_scale,
-                    batch_size=batch_size,
-                )
-            for (prompt, s), img in zip(jobs, to_uint8(batch.images), strict=True):
-                rel = f"{IMAGES_DIR}/{secrets.token_hex(8)}.png"
-                save_png(img, tmp / rel)
-                entries.append(
-                    {
-                        "path": rel,
-                        "prompt": prompt,
-                        "generator_ckpt": _variant_name(generator_dir, adapter),
-                        "generator": str(generator_dir),
-                        "adapter": str(adapter or ""),
-                        "seed": s,
-                        "num_steps": num_steps,
-                        "eta": eta,
-                        "guidance_scale": guidance_scale,
-                    }
-                )
-            del gen
-        secrets.SystemRandom().shuffle(entries)  # the sheet's order says nothing either
-        rows = [
-            {
-                "image_path": e["path"],
-                "prompt": e["prompt"],
-                "modality": modality,
-                "round": round_name,
-            }
-            for e in entries
-        ]
-        with open(tmp / SHEET_FILE, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(COLUMNS))
-            writer.writeheader()
-            writer.writerows(rows)
-        key = {
-            "version": KEY_VERSION,
-            "round": round_name,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "images": {e.pop("path"): e for e in entries},
-        }
-        (tmp / KEY_FILE).write_text(json.dumps(key, indent=1) + "\n", encoding="utf-8")
+            entries += _sample_variant(
+                generator_dir,
+                adapter,
+                jobs,
+                tmp,
+                dev,
+                dtype,
+                num_steps=num_steps,
+                eta=eta,
+                guidance_scale=guidance_scale,
+                batch_size=batch_size,
+            )
+        _write_sheet_and_key(tmp, entries, round_name, modality)
     return out / SHEET_FILE
 
 
