@@ -90,6 +90,15 @@ def create_app(bench: Workbench) -> FastAPI:
     )
     app.add_middleware(_LimitBody, limit=MAX_BODY)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    _add_guards(app)
+    _add_pages(app, bench, pages)
+    _add_api(app, bench)
+    return app
+
+
+def _add_guards(app: FastAPI) -> None:
+    """A refused request answers with its status; a state-changing one without the
+    :data:`CSRF_HEADER` is refused (403); every response carries the security headers."""
 
     @app.exception_handler(WorkbenchError)
     async def refused(_: Request, exc: WorkbenchError) -> JSONResponse:
@@ -107,11 +116,18 @@ def create_app(bench: Workbench) -> FastAPI:
             response.headers.setdefault(name, value)
         return response
 
-    def rater(request: Request, role: str = "rater") -> Rater:
-        who = bench.who(request.cookies.get(COOKIE))
-        if who.role != role:
-            raise WorkbenchError(403, f"this page is for the {role} link, not the {who.role}'s")
-        return who
+
+def _rater(bench: Workbench, request: Request, role: str = "rater") -> Rater:
+    """The holder of the request's token cookie; WorkbenchError 403 unless their role is
+    ``role``."""
+    who = bench.who(request.cookies.get(COOKIE))
+    if who.role != role:
+        raise WorkbenchError(403, f"this page is for the {role} link, not the {who.role}'s")
+    return who
+
+
+def _add_pages(app: FastAPI, bench: Workbench, pages: Environment) -> None:
+    """The rating page and the admin page (a login page for anyone but an admin)."""
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -120,11 +136,15 @@ def create_app(bench: Workbench) -> FastAPI:
     @app.get("/admin", response_class=HTMLResponse)
     def admin_page(request: Request) -> Response:
         try:
-            rater(request, "admin")
+            _rater(bench, request, "admin")
         except WorkbenchError as exc:
             html = pages.get_template("login.html").render(round=bench.round, message=str(exc))
             return HTMLResponse(html, status_code=exc.status)
         return HTMLResponse(pages.get_template("admin.html").render(**admin_view(bench)))
+
+
+def _add_api(app: FastAPI, bench: Workbench) -> None:
+    """The page's JSON API (login, queue, answers, progress) and the images."""
 
     @app.post("/api/login")
     def login(body: Login) -> JSONResponse:
@@ -141,33 +161,36 @@ def create_app(bench: Workbench) -> FastAPI:
 
     @app.get("/api/state")
     def state(request: Request) -> dict[str, Any]:
-        return bench.state(rater(request))
+        return bench.state(_rater(bench, request))
 
     @app.get("/api/item/{pos}")
     def item(pos: int, request: Request) -> dict[str, Any]:
-        return bench.item(rater(request), pos)
+        return bench.item(_rater(bench, request), pos)
 
     @app.get("/api/next")
     def next_item(request: Request, after: int = -1) -> dict[str, Any]:
-        return {"pos": bench.next_pos(rater(request), after)}
+        return {"pos": bench.next_pos(_rater(bench, request), after)}
 
     @app.post("/api/answer")
     def answer(body: Answer, request: Request) -> dict[str, Any]:
         return bench.submit(
-            rater(request), body.item_id, body.nonce, body.rating, body.aspects, body.comment
+            _rater(bench, request),
+            body.item_id,
+            body.nonce,
+            body.rating,
+            body.aspects,
+            body.comment,
         )
 
     @app.get("/image/{item_id}")
     def image(item_id: str, request: Request) -> FileResponse:
-        path = bench.image_file(rater(request), item_id)
+        path = bench.image_file(_rater(bench, request), item_id)
         return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private"})
 
     @app.get("/api/progress")
     def progress(request: Request) -> dict[str, Any]:
-        rater(request, "admin")
+        _rater(bench, request, "admin")
         return admin_view(bench)
-
-    return app
 
 
 def admin_view(bench: Workbench) -> dict[str, Any]:
