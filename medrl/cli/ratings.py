@@ -41,7 +41,7 @@ def cmd_ratings_export(args: argparse.Namespace) -> int:
 def cmd_ratings_agreement(args: argparse.Namespace) -> int:
     from rewards.agreement import agreement_report, format_agreement
     from rewards.ratings import connect, read_ratings
-    from rewards.workbench.store import self_agreement
+    from rewards.workbench.queues import self_agreement
 
     db = _ratings_db(args)
     frame = read_ratings(db)

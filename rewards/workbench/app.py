@@ -24,7 +24,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, ConfigDict, Field
 
 from rewards.agreement import agreement_report
-from rewards.workbench.store import MAX_COMMENT, Rater, Workbench, WorkbenchError
+from rewards.workbench.protocol import MAX_COMMENT, WorkbenchError
+from rewards.workbench.store import Rater, Workbench
 
 log = logging.getLogger(__name__)
 

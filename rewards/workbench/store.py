@@ -25,98 +25,33 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from rewards import rounds
 from rewards.ratings import ASPECTS, COLUMNS, connect, insert_ratings
-from rewards.ratings_csv import parse_timestamp
-from rewards.sheet import ASPECT_MAX, RATING_VALUES
+from rewards.sheet import ASPECT_MAX
+from rewards.workbench.protocol import (
+    ASPECT_HELP,
+    PROTOCOLS,
+    RUBRIC,
+    WorkbenchError,
+    check_answer,
+    form_token,
+)
+from rewards.workbench.queues import queue_order, self_agreement
+from rewards.workbench.tables import create_tables, round_settings, timestamp_now
 
-#: The rating protocols a round can be served with.
-PROTOCOLS: dict[str, str] = {
-    "cs787": "one rating per image: 1 poor, 2 fair, 3 good (the IIT Kanpur CS787 study)",
-    "aspects": "the overall 1-3 rating and six aspects scored 0-10 (Prompt-to-Polyp)",
-}
-RUBRIC: dict[int, str] = {
-    1: "Poor: not usable; anatomy, colour or sharpness clearly wrong, or it does not show "
-    "what the prompt asks",
-    2: "Fair: plausible with visible flaws; usable with care",
-    3: "Good: indistinguishable from a real photograph of what the prompt describes",
-}
-ASPECT_HELP: dict[str, str] = {
-    "clinical_realism": "how much it looks like a real clinical image (0 not at all, 10 "
-    "indistinguishable)",
-    "prompt_faithfulness": "how well it shows what the prompt describes (eye, findings, grade)",
-    "abnormality_detectability": "how clearly the abnormalities the prompt names can be seen",
-    "colour_contrast": "how natural the colour and contrast are",
-    "intra_set_diversity": "how different it is from the other images of the same prompt "
-    "you have seen",
-    "confidence_of_use": "how confident you would be to use it for training or teaching",
-}
 ROLES = ("rater", "admin")
-MAX_COMMENT = 2000
 MAX_RATER_ID = 64
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS workbench_rounds (
-    round TEXT PRIMARY KEY,
-    protocol TEXT NOT NULL,
-    repeats INTEGER NOT NULL,
-    seed INTEGER NOT NULL,
-    round_dir TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    secret TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS workbench_raters (
-    token_hash TEXT PRIMARY KEY,
-    round TEXT NOT NULL,
-    rater_id TEXT NOT NULL,
-    role TEXT NOT NULL CHECK (role IN ('rater', 'admin')),
-    expert_level TEXT NOT NULL DEFAULT '',
-    created_at TEXT NOT NULL,
-    UNIQUE (round, rater_id, role)
-);
-CREATE TABLE IF NOT EXISTS workbench_queue (
-    item_id TEXT PRIMARY KEY,
-    round TEXT NOT NULL,
-    rater_id TEXT NOT NULL,
-    pos INTEGER NOT NULL,
-    image TEXT NOT NULL,
-    repeat_of INTEGER,
-    UNIQUE (round, rater_id, pos)
-);
-CREATE TABLE IF NOT EXISTS workbench_answers (
-    id INTEGER PRIMARY KEY,
-    item_id TEXT NOT NULL,
-    rating INTEGER NOT NULL CHECK (rating BETWEEN 1 AND 3),
-    aspects TEXT NOT NULL DEFAULT '{}',
-    comment TEXT NOT NULL DEFAULT '',
-    rating_id INTEGER,
-    nonce TEXT NOT NULL UNIQUE,
-    submitted_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS workbench_answers_by_item ON workbench_answers (item_id);
-"""
-
-
-class WorkbenchError(ValueError):
-    """A refused request: ``status`` is the HTTP status the app answers with."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -128,10 +63,6 @@ class Rater:
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def _now() -> str:
-    return parse_timestamp(datetime.now(timezone.utc).isoformat())
 
 
 class Workbench:
@@ -188,38 +119,19 @@ class Workbench:
         # back-off sleeps (up to 100 ms each) made the p99 of an answer a second at 20 raters
         self._write_lock = threading.Lock()
         with self.transaction() as conn:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            row = conn.execute(
-                "SELECT protocol, repeats, seed, secret FROM workbench_rounds WHERE round = ?",
-                (self.round,),
-            ).fetchone()
-            if row is None and not register:
-                self.protocol, self.repeats, self.seed, self._secret = "", 0, seed, b""
-            elif row is None:
-                self.protocol = protocol or "cs787"
-                self.repeats = min(5, len(self.images) // 10) if repeats is None else repeats
-                self.seed = seed
-                secret = secrets.token_hex(32)
-                self._secret = bytes.fromhex(secret)
-                conn.execute(
-                    "INSERT INTO workbench_rounds VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (self.round, self.protocol, self.repeats, seed, str(self.round_dir), _now(),
-                     secret),
-                )  # fmt: skip
-            else:
-                self.protocol, self.repeats, self.seed = row[0], int(row[1]), int(row[2])
-                self._secret = bytes.fromhex(row[3])
-                for name, asked, stored in (
-                    ("protocol", protocol, self.protocol),
-                    ("repeats", repeats, self.repeats),
-                ):
-                    if asked is not None and asked != stored:
-                        raise ValueError(
-                            f"round {self.round!r} is served with {name} {stored!r} "
-                            f"(first serve); it cannot change to {asked!r}"
-                        )
+            create_tables(conn)
+            settings = round_settings(
+                conn,
+                self.round,
+                self.round_dir,
+                images=len(self.images),
+                protocol=protocol,
+                repeats=repeats,
+                seed=seed,
+                register=register,
+            )
+        self.protocol, self.repeats, self.seed = settings.protocol, settings.repeats, settings.seed
+        self._secret = settings.secret
 
     # ------------------------------------------------------------------ connections
 
@@ -271,7 +183,7 @@ class Workbench:
             )
             conn.execute(
                 "INSERT INTO workbench_raters VALUES (?, ?, ?, ?, ?, ?)",
-                (hash_token(token), self.round, rater_id, role, expert_level, _now()),
+                (hash_token(token), self.round, rater_id, role, expert_level, timestamp_now()),
             )
         return token
 
@@ -302,22 +214,6 @@ class Workbench:
 
     # ------------------------------------------------------------------ queues
 
-    def _queue_order(self, rater_id: str) -> list[tuple[str, int | None]]:
-        """(image, pos of the original or None) in this rater's order."""
-        digest = hashlib.sha256(f"{self.round}\0{rater_id}".encode()).digest()
-        rng = np.random.default_rng([self.seed, int.from_bytes(digest[:8], "little")])
-        order: list[tuple[str, int | None]] = [
-            (self.images[i], None) for i in rng.permutation(len(self.images))
-        ]
-        if self.repeats:
-            n = len(order)
-            # repeat images from the first half, shown again in the second half
-            firsts = sorted(rng.choice(max(1, n // 2), size=self.repeats, replace=False))
-            for original in firsts:
-                at = int(rng.integers(max(original + 2, n // 2), len(order) + 1))
-                order.insert(at, (order[original][0], int(original)))
-        return order
-
     def _ensure_queue(self, rater: Rater) -> int:
         """The rater's queue length (created on first use, in one transaction)."""
         if rater.role != "rater":
@@ -329,7 +225,7 @@ class Workbench:
         ).fetchone()[0]
         if n:
             return int(n)
-        order = self._queue_order(rater.rater_id)
+        order = queue_order(self.round, rater.rater_id, self.seed, self.images, self.repeats)
         with self.transaction() as conn:
             if conn.execute(
                 "SELECT COUNT(*) FROM workbench_queue WHERE round = ? AND rater_id = ?",
@@ -409,7 +305,7 @@ class Workbench:
             "AND pos = ?",
             (self.round, rater.rater_id, pos),
         ).fetchone()
-        nonce = self._form_token(row[0], self._answer_count(conn, row[0]))
+        nonce = form_token(self._secret, row[0], self._answer_count(conn, row[0]))
         last = conn.execute(
             "SELECT rating, aspects, comment FROM workbench_answers WHERE item_id = ? "
             "ORDER BY id DESC LIMIT 1",
@@ -428,11 +324,6 @@ class Workbench:
             else {"rating": last[0], "aspects": json.loads(last[1]), "comment": last[2]},
         }
 
-    def _form_token(self, item_id: str, answers: int) -> str:
-        """Good for the answer after the item's ``answers``-th: HMAC of the round's secret."""
-        msg = f"{item_id}:{answers}".encode()
-        return hmac.new(self._secret, msg, hashlib.sha256).hexdigest()[:32]
-
     @staticmethod
     def _answer_count(conn: sqlite3.Connection, item_id: str) -> int:
         return int(
@@ -447,34 +338,6 @@ class Workbench:
 
     # ------------------------------------------------------------------ answers
 
-    def _validate(
-        self, rating: Any, aspects: dict[str, Any] | None, comment: str
-    ) -> tuple[int, dict[str, float]]:
-        if isinstance(rating, bool) or not isinstance(rating, int) or rating not in RATING_VALUES:
-            raise WorkbenchError(422, f"rating {rating!r}: 1 (poor), 2 (fair) or 3 (good)")
-        aspects = dict(aspects or {})
-        unknown = sorted(set(aspects) - set(ASPECTS))
-        if unknown:
-            raise WorkbenchError(422, f"unknown aspects {unknown}; known: {', '.join(ASPECTS)}")
-        clean: dict[str, float] = {}
-        for name in ASPECTS:
-            value = aspects.get(name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise WorkbenchError(422, f"{name} {value!r}: a number from 0 to 10")
-            if not (math.isfinite(value) and 0 <= value <= ASPECT_MAX):
-                raise WorkbenchError(422, f"{name} {value!r}: a number from 0 to 10")
-            clean[name] = float(value)
-        if self.protocol == "aspects" and len(clean) != len(ASPECTS):
-            missing = [a for a in ASPECTS if a not in clean]
-            raise WorkbenchError(422, f"this round rates all six aspects; missing: {missing}")
-        if self.protocol == "cs787" and clean:
-            raise WorkbenchError(422, "this round (cs787) takes the 1-3 rating only, no aspects")
-        if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
-            raise WorkbenchError(422, f"comment: text of at most {MAX_COMMENT} characters")
-        return rating, clean
-
     def submit(
         self,
         rater: Rater,
@@ -485,14 +348,14 @@ class Workbench:
         comment: str = "",
     ) -> dict[str, Any]:
         """Store one answer (see the module docstring); returns the rater's progress."""
-        rating, clean = self._validate(rating, aspects, comment)
+        rating, clean = check_answer(self.protocol, rating, aspects, comment)
         entry = self._entry(rater, item_id)
-        now = _now()
+        now = timestamp_now()
         with self.transaction() as conn:
             count = self._answer_count(conn, item_id)
-            if not hmac.compare_digest(str(nonce), self._form_token(item_id, count)):
+            if not hmac.compare_digest(str(nonce), form_token(self._secret, item_id, count)):
                 if any(
-                    hmac.compare_digest(str(nonce), self._form_token(item_id, k))
+                    hmac.compare_digest(str(nonce), form_token(self._secret, item_id, k))
                     for k in range(count)
                 ):
                     raise WorkbenchError(
@@ -578,37 +441,3 @@ class Workbench:
 
         frame = read_ratings(self.db)
         return frame[frame["round"] == self.round]
-
-
-def self_agreement(conn: sqlite3.Connection, round_name: str | None = None) -> list[dict[str, Any]]:
-    """Self-agreement of every rater with repeated items (of one round, or all rounds)."""
-    has = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'workbench_answers'"
-    ).fetchone()
-    if not has:
-        return []
-    latest = """SELECT q.round, q.rater_id, q.pos, q.repeat_of, a.rating FROM workbench_queue q
-        JOIN workbench_answers a ON a.id = (SELECT MAX(id) FROM workbench_answers
-                                            WHERE item_id = q.item_id)"""
-    rows = conn.execute(latest).fetchall()
-    by_pos = {(r[0], r[1], r[2]): r[4] for r in rows}
-    pairs: dict[tuple[str, str], list[tuple[int, int]]] = {}
-    for rnd, rater_id, _pos, repeat_of, rating in rows:
-        if repeat_of is None or (round_name is not None and rnd != round_name):
-            continue
-        first = by_pos.get((rnd, rater_id, repeat_of))
-        if first is not None:
-            pairs.setdefault((rnd, rater_id), []).append((int(first), int(rating)))
-    out = []
-    for (rnd, rater_id), got in sorted(pairs.items()):
-        a = np.array(got)
-        out.append(
-            {
-                "round": rnd,
-                "rater": rater_id,
-                "pairs": len(got),
-                "exact": float((a[:, 0] == a[:, 1]).mean()),
-                "mean_abs_diff": float(np.abs(a[:, 0] - a[:, 1]).mean()),
-            }
-        )
-    return out
