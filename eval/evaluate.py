@@ -123,20 +123,7 @@ class EvalResult:
 
 
 def _command(args: Mapping[str, Any]) -> str:
-    parts = ["medrl", "eval", str(args["run_or_dir"]), "--real", str(args["real"])]
-    for key, flag in (("features", "--features"), ("out", "--out"), ("max_images", "--max-images")):
-        if args.get(key) is not None:
-            parts += [flag, str(args[key])]
-    if args.get("near_copy_ssim") != 0.95:
-        parts += ["--near-copy-ssim", str(args["near_copy_ssim"])]
-    if not args.get("utility", True):
-        parts.append("--no-utility")
-    if args.get("device", "auto") != "auto":
-        parts += ["--device", str(args["device"])]
-    return shlex.join(parts)
-
-
-def _command(args: Mapping[str, Any]) -> str:
+    """The ``medrl eval`` command line that the arguments stand for."""
     parts = ["medrl", "eval", str(args["run_or_dir"]), "--real", str(args["real"])]
     for key, flag in (("features", "--features"), ("out", "--out"), ("max_images", "--max-images")):
         if args.get(key) is not None:
