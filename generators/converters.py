@@ -16,7 +16,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -309,16 +309,39 @@ def convert_labels(
     conv = CONVERTERS[dataset]
     labels = Path(labels)
     out_path = Path(out) if out is not None else labels.parent / "data.csv"
-    folder = image_dir.replace("\\", "/").strip().rstrip("/")
-    if folder.startswith("/") or os.path.isabs(folder):
-        raise ValueError(
-            f"image_dir {image_dir!r} must be relative to the dataset root ({out_path.parent})"
-        )
+    folder = _image_folder(image_dir, out_path)
     extension = conv.ext if ext is None else ext
     if extension and not extension.startswith("."):
         extension = "." + extension
 
     header, raw_rows = read_csv_rows(labels)
+    index = _column_index(header, conv, labels)
+    out_rows, skipped, source_rows = _convert_rows(
+        labels, raw_rows, index, conv, folder, extension, split
+    )
+    for reason, count in skipped.items():
+        log.info("%s: skipped %d: %s", labels.name, count, reason)
+    if not out_rows:
+        raise ValueError(f"{labels}: no rows to write ({source_rows} rows read, all skipped)")
+    _write_data_csv(out_path, out_rows)
+    log.info(
+        "%s: %d label rows -> %d images in %s", labels.name, source_rows, len(out_rows), out_path
+    )
+    return out_path
+
+
+def _image_folder(image_dir: str, out_path: Path) -> str:
+    """The image folder as a relative POSIX prefix; ValueError if it is absolute."""
+    folder = image_dir.replace("\\", "/").strip().rstrip("/")
+    if folder.startswith("/") or os.path.isabs(folder):
+        raise ValueError(
+            f"image_dir {image_dir!r} must be relative to the dataset root ({out_path.parent})"
+        )
+    return folder
+
+
+def _column_index(header: list[str], conv: Converter, labels: Path) -> dict[str, int]:
+    """Lower-cased header name -> first position; DataValidationError if a column is missing."""
     index: dict[str, int] = {}
     for i, name in enumerate(header):
         if name:
@@ -331,13 +354,29 @@ def convert_labels(
                 RowProblem(
                     1,
                     "header",
-                    f"missing column(s) {', '.join(repr(c) for c in missing)}: a {dataset} "
+                    f"missing column(s) {', '.join(repr(c) for c in missing)}: a {conv.name} "
                     f"{conv.label_file} has {','.join(conv.columns)}; "
                     f"this file has {','.join(h for h in header if h)}",
                 )
             ],
         )
+    return index
 
+
+def _convert_rows(
+    labels: Path,
+    raw_rows: Iterable[tuple[int, list[str]]],
+    index: dict[str, int],
+    conv: Converter,
+    folder: str,
+    extension: str,
+    split: str,
+) -> tuple[list[list[str]], Counter[str], int]:
+    """Convert every label row: (output rows, skip reasons counted, label rows read).
+
+    Raises:
+        DataValidationError: any bad value or duplicate image, all of them listed.
+    """
     problems: list[RowProblem] = []
     skipped: Counter[str] = Counter()
     out_rows: list[list[str]] = []
@@ -359,22 +398,18 @@ def convert_labels(
                 continue
             first_line[path] = line
             out_rows.append(
-                [path, s.text, "fundus", split, dataset, s.label, s.laterality, s.patient_id]
+                [path, s.text, "fundus", split, conv.name, s.label, s.laterality, s.patient_id]
             )
         problems += row.problems
     if problems:
         raise DataValidationError(labels, problems)
-    for reason, count in skipped.items():
-        log.info("%s: skipped %d: %s", labels.name, count, reason)
-    if not out_rows:
-        raise ValueError(f"{labels}: no rows to write ({source_rows} rows read, all skipped)")
+    return out_rows, skipped, source_rows
 
+
+def _write_data_csv(out_path: Path, out_rows: list[list[str]]) -> None:
+    """Write our data CSV (header :data:`COLUMNS`, then the rows) atomically."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(COLUMNS)
     writer.writerows(out_rows)
     atomic_write_text(out_path, buffer.getvalue())
-    log.info(
-        "%s: %d label rows -> %d images in %s", labels.name, source_rows, len(out_rows), out_path
-    )
-    return out_path
