@@ -281,13 +281,39 @@ def ingest_csv(
     root_resolved = root_path.resolve()
     out_path = Path(out).absolute() if out is not None else root_path / "manifest.parquet"
 
+    rows = _read_rows(csv, csv_path, root_path, root_resolved)
+    _check_images(rows, workers or min(8, os.cpu_count() or 1), csv_path.name)
+    duplicates = _cross_row_checks(rows)
+    problems = [p for r in rows for p in r.problems]
+    if problems:
+        raise DataValidationError(csv, problems)
+    for group in duplicates:
+        log.warning(
+            "%s: identical image bytes under different paths (same split): %s",
+            csv_path.name,
+            ", ".join(group),
+        )
+    _warn_patients_across_splits(rows, csv_path.name)
+    table = _write_manifest(rows, root_resolved, csv_path, out_path)
+    return IngestReport(
+        manifest=out_path,
+        rows=len(rows),
+        modalities=dict(Counter(table.column("modality").to_pylist())),
+        splits=dict(Counter(table.column("split").to_pylist())),
+        duplicates=duplicates,
+    )
+
+
+def _read_rows(
+    csv: str | os.PathLike, csv_path: Path, root_path: Path, root_resolved: Path
+) -> list[_Row]:
+    """Read the data CSV's rows and check each one's fields and path (not its image)."""
     header, raw_rows = read_csv_rows(csv_path)
     columns, problems, ignored = map_columns(header, COLUMNS, COLUMN_ALIASES, REQUIRED_COLUMNS)
     if problems:
         raise DataValidationError(csv, problems)
     if ignored:
         log.info("%s: ignoring columns %s", csv_path.name, ", ".join(ignored))
-
     rows: list[_Row] = []
     for line, cells in raw_rows:
         values = {
@@ -304,28 +330,23 @@ def ingest_csv(
         rows.append(row)
     if not rows:
         raise DataValidationError(csv, [RowProblem(1, "header", "no data rows under the header")])
+    return rows
 
+
+def _check_images(rows: list[_Row], workers: int, name: str) -> None:
+    """Hash and decode the image of every row whose path passed, in ``workers`` threads."""
     to_decode = [r for r in rows if r.resolved is not None]
-    workers = workers or min(8, os.cpu_count() or 1)
-    desc = f"checking {csv_path.name}"
     with (
         ThreadPoolExecutor(max_workers=workers) as pool,
-        tqdm(total=len(rows), desc=desc, unit="row") as bar,
+        tqdm(total=len(rows), desc=f"checking {name}", unit="row") as bar,
     ):
         bar.update(len(rows) - len(to_decode))
         for _ in pool.map(_check_image, to_decode):
             bar.update(1)
 
-    duplicates = _cross_row_checks(rows)
-    problems = [p for r in rows for p in r.problems]
-    if problems:
-        raise DataValidationError(csv, problems)
-    for group in duplicates:
-        log.warning(
-            "%s: identical image bytes under different paths (same split): %s",
-            csv_path.name,
-            ", ".join(group),
-        )
+
+def _warn_patients_across_splits(rows: list[_Row], name: str) -> None:
+    """Warn when a patient's images lie in more than one split."""
     patient_splits: dict[str, set[str]] = defaultdict(set)
     for row in rows:
         if row.values["patient_id"].strip():
@@ -335,11 +356,16 @@ def ingest_csv(
         log.warning(
             "%s: %d patient(s) have images in more than one split (e.g. %s); "
             "split by patient to keep evaluation honest",
-            csv_path.name,
+            name,
             len(crossing),
             ", ".join(crossing[:5]),
         )
 
+
+def _write_manifest(
+    rows: list[_Row], root_resolved: Path, csv_path: Path, out_path: Path
+) -> pa.Table:
+    """Write the checked rows and the manifest metadata to ``out_path`` atomically."""
     table = pa.table(
         {
             "row": [r.line for r in rows],
@@ -366,19 +392,9 @@ def ingest_csv(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     table = table.replace_schema_metadata({MANIFEST_KEY: json.dumps(meta).encode()})
-    _write_parquet_atomic(table, out_path)
-    return IngestReport(
-        manifest=out_path,
-        rows=len(rows),
-        modalities=dict(Counter(table.column("modality").to_pylist())),
-        splits=dict(Counter(table.column("split").to_pylist())),
-        duplicates=duplicates,
-    )
-
-
-def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(out_path) as tmp:
         pq.write_table(table, tmp)
+    return table
 
 
 # --------------------------------------------------------------------------- reading
