@@ -24,6 +24,13 @@ from generators.training_common import (
     commit_checkpoint,
     step_generator,
 )
+from generators.vae_loss import (
+    PatchDiscriminator,
+    adaptive_weight,
+    generator_loss,
+    hinge_d_loss,
+    laplacian_pyramid_loss,
+)
 from runfiles import read_latest
 
 log = logging.getLogger(__name__)
@@ -91,34 +98,10 @@ def train_vae(
     ``stop_after``: return after this many steps (before the scaling factor; tests,
     interruption) without touching the learning-rate schedule.
     """
-    from generators.vae_loss import (
-        PatchDiscriminator,
-        adaptive_weight,
-        generator_loss,
-        hinge_d_loss,
-        laplacian_pyramid_loss,
-    )
-
     vae = gen.vae
     device = gen.device
     vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / max(1, cfg.warmup_steps))
-            * 0.5
-            * (1 + math.cos(math.pi * s / cfg.vae_steps))
-        ),
-    )
-    disc = d_opt = None
-    if _vae_disc_on(cfg):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * STRIDE + 11)  # the discriminator's init
-            disc = PatchDiscriminator(3, cfg.vae_disc_channels, cfg.vae_disc_layers).to(device)
-        disc.train()
-        d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.vae_disc_lr, betas=(0.5, 0.9))
-    last_layer = vae.decoder.conv_out.weight
+    opt, sched, disc, d_opt = _vae_optimizers(vae, cfg, seed, device)
     start = 0
     ckpt_root = Path(ckpt_dir) if ckpt_dir is not None else None
     if ckpt_root is not None:
@@ -131,51 +114,11 @@ def train_vae(
     for step in bar:
         g = step_generator(seed, step, salt=1)
         x, _ = data.batch(batch_indices(len(data), cfg.vae_batch_size, g))
-        x = x.to(device)
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(
-            device
-        )
-        recon = vae.decode(z).sample
-        rec = cfg.vae_l1_weight * F.l1_loss(recon, x)
-        if cfg.vae_mse_weight > 0:
-            rec = rec + cfg.vae_mse_weight * F.mse_loss(recon, x)
-        if cfg.vae_laplacian_weight > 0:
-            rec = rec + cfg.vae_laplacian_weight * laplacian_pyramid_loss(
-                recon, x, cfg.vae_laplacian_levels
-            )
-        kl = posterior.kl().mean() / z[0].numel()
-        loss = rec + cfg.vae_kl_weight * kl
-        disc_active = disc is not None and step >= cfg.vae_disc_start
-        g_loss = d_weight = d_loss = torch.zeros((), device=device)
-        if disc_active:
-            disc.requires_grad_(False)
-            g_loss = generator_loss(disc(recon))
-            d_weight = adaptive_weight(rec, g_loss, last_layer, cfg.vae_disc_max_weight)
-            loss = loss + cfg.vae_disc_weight * d_weight * g_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        if disc_active:
-            disc.requires_grad_(True)
-            d_loss = hinge_d_loss(disc(x), disc(recon.detach()))
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_opt.step()
+        losses = _vae_step(vae, disc, opt, sched, d_opt, x.to(device), g, step, cfg)
         done = step + 1
         if step % cfg.log_every == 0 or done == cfg.vae_steps:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            values = {
-                "loss": loss.item(),
-                "rec": rec.item(),
-                "kl": kl.item(),
-                "g_loss": g_loss.item(),
-                "d_weight": d_weight.item(),
-                "d_loss": d_loss.item(),
-            }
+            bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
+            values = {k: v.item() for k, v in losses.items()}
             if writer is not None:
                 for k, v in values.items():
                     writer.add_scalar(f"vae/{k}", v, step)
@@ -192,19 +135,107 @@ def train_vae(
     if end < cfg.vae_steps:
         return float("nan")
     vae.eval().requires_grad_(False)
-    # scaling factor: 1 / std of the training latents
-    with torch.no_grad():
-        g = torch.Generator("cpu").manual_seed(seed)
-        idx = batch_indices(len(data), min(len(data), 256), g)
-        zs = [
-            vae.encode(data.batch(chunk)[0].to(device)).latent_dist.sample()
-            for chunk in idx.split(32)
-        ]
-        std = torch.cat(zs).float().std().item()
-    factor = 1.0 / max(std, 1e-6)
+    factor = _latent_scaling(vae, data, seed, device)
     vae.register_to_config(scaling_factor=factor)
     gen.vae_untrained = False
     return factor
+
+
+def _vae_optimizers(
+    vae, cfg: FinetuneConfig, seed: int, device
+) -> tuple[
+    torch.optim.Optimizer,
+    torch.optim.lr_scheduler.LambdaLR,
+    PatchDiscriminator | None,
+    torch.optim.Optimizer | None,
+]:
+    """(VAE optimizer, its warmup-cosine schedule, discriminator, its optimizer); the last
+    two are None when the discriminator is off."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / max(1, cfg.warmup_steps))
+            * 0.5
+            * (1 + math.cos(math.pi * s / cfg.vae_steps))
+        ),
+    )
+    disc = d_opt = None
+    if _vae_disc_on(cfg):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * STRIDE + 11)  # the discriminator's init
+            disc = PatchDiscriminator(3, cfg.vae_disc_channels, cfg.vae_disc_layers).to(device)
+        disc.train()
+        d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.vae_disc_lr, betas=(0.5, 0.9))
+    return opt, sched, disc, d_opt
+
+
+def _vae_step(
+    vae,
+    disc,
+    opt,
+    sched,
+    d_opt,
+    x: torch.Tensor,
+    g: torch.Generator,
+    step: int,
+    cfg: FinetuneConfig,
+) -> dict[str, torch.Tensor]:
+    """One optimizer step of the VAE, then of the discriminator once it is active; the
+    loss terms (``loss``, ``rec``, ``kl``, ``g_loss``, ``d_weight``, ``d_loss``)."""
+    device = x.device
+    posterior = vae.encode(x).latent_dist
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
+    recon = vae.decode(z).sample
+    rec = cfg.vae_l1_weight * F.l1_loss(recon, x)
+    if cfg.vae_mse_weight > 0:
+        rec = rec + cfg.vae_mse_weight * F.mse_loss(recon, x)
+    if cfg.vae_laplacian_weight > 0:
+        rec = rec + cfg.vae_laplacian_weight * laplacian_pyramid_loss(
+            recon, x, cfg.vae_laplacian_levels
+        )
+    kl = posterior.kl().mean() / z[0].numel()
+    loss = rec + cfg.vae_kl_weight * kl
+    disc_active = disc is not None and step >= cfg.vae_disc_start
+    g_loss = d_weight = d_loss = torch.zeros((), device=device)
+    if disc_active:
+        disc.requires_grad_(False)
+        g_loss = generator_loss(disc(recon))
+        last_layer = vae.decoder.conv_out.weight
+        d_weight = adaptive_weight(rec, g_loss, last_layer, cfg.vae_disc_max_weight)
+        loss = loss + cfg.vae_disc_weight * d_weight * g_loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+    opt.step()
+    sched.step()
+    if disc_active:
+        disc.requires_grad_(True)
+        d_loss = hinge_d_loss(disc(x), disc(recon.detach()))
+        d_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        d_opt.step()
+    return {
+        "loss": loss,
+        "rec": rec,
+        "kl": kl,
+        "g_loss": g_loss,
+        "d_weight": d_weight,
+        "d_loss": d_loss,
+    }
+
+
+@torch.no_grad()
+def _latent_scaling(vae, data: ImageTextData, seed: int, device) -> float:
+    """1 / std of the VAE's latents of up to 256 training images (the latent scaling factor)."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    idx = batch_indices(len(data), min(len(data), 256), g)
+    zs = [
+        vae.encode(data.batch(chunk)[0].to(device)).latent_dist.sample() for chunk in idx.split(32)
+    ]
+    std = torch.cat(zs).float().std().item()
+    return 1.0 / max(std, 1e-6)
 
 
 @torch.no_grad()
