@@ -223,8 +223,51 @@ def finetune(
     gen = build_generator(model_cfg, seed=seed).to(dev)
     writer = SummaryWriter(str(run_dir / "tb"))
     metrics: list[dict] = []
+    _vae_stage(gen, data, ft, seed, dev, writer, metrics, ckpt_root)
+    groups, opt, sched, start = _unet_training_state(gen, ft, ckpt_root)
+    grid_prompts = sorted(set(data.texts))[:8]
+    loss_value = float("nan")
+    bar = tqdm(range(start, ft.steps), desc="UNet", initial=start, total=ft.steps, leave=False)
+    for step in bar:
+        loss = _unet_step(gen, data, ft, seed, step, dev, groups, opt, sched)
+        done = step + 1
+        loss_value = loss.item()
+        if done % ft.log_every == 0 or done == ft.steps:
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            writer.add_scalar("unet/loss", loss_value, done)
+            writer.add_scalar("unet/lr", sched.get_last_lr()[0], done)
+            metrics.append({"stage": "unet", "step": done, "loss": loss_value})
+        if ft.sample_every and (done % ft.sample_every == 0 or done == ft.steps):
+            grid = _sample_grid(gen, grid_prompts, sampling)
+            writer.add_image("samples", grid, done, dataformats="HWC")
+        if done % ft.checkpoint_every == 0 or done == ft.steps:
+            commit_checkpoint(
+                ckpt_root,
+                f"step-{done:06d}",
+                lambda tmp, done=done: _save_step(tmp, gen, ft, opt, sched, done, config_dict),
+                keep=ft.keep_checkpoints,
+            )
+        _flush_metrics(run_dir, metrics)
+    bar.close()
+    writer.close()
+    _flush_metrics(run_dir, metrics)
+    done = max(ft.steps, start)
+    base_dir, adapter_dir = _save_outputs(run_dir, gen, model_cfg, ft, sampling, grid_prompts, done)
+    return FinetuneResult(base_dir, adapter_dir, done, start, loss_value)
 
-    # ---- stage 1: the VAE
+
+def _vae_stage(
+    gen: Generator,
+    data: ImageTextData,
+    ft: FinetuneConfig,
+    seed: int,
+    dev: torch.device,
+    writer,
+    metrics: list[dict],
+    ckpt_root: Path,
+) -> None:
+    """Stage 1: load the run's trained VAE, or train and save one when the generator has
+    no pretrained VAE; then freeze the VAE."""
     vae_dir = ckpt_root / VAE_DIR
     if gen.vae_untrained:
         if vae_dir.is_dir():
@@ -257,7 +300,12 @@ def finetune(
             )
     gen.vae.requires_grad_(False).eval()
 
-    # ---- stage 2: the UNet
+
+def _unet_training_state(
+    gen: Generator, ft: FinetuneConfig, ckpt_root: Path
+) -> tuple[list[dict], torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int]:
+    """Stage 2's setup: the LoRA adapter (lora mode), the parameter groups, optimizer and
+    warmup schedule, resumed from the latest checkpoint; (groups, opt, sched, start step)."""
     if ft.mode == "lora":
         attach_lora(gen.unet, ft.lora)
     groups = _trainable(gen, ft)
@@ -273,74 +321,73 @@ def finetune(
     gen.unet.train()
     if ft.train_text_encoder:
         gen.text_encoder.train()
-    scheduler = gen.scheduler
-    n_train = scheduler.config.num_train_timesteps
-    scaling = gen.vae.config.scaling_factor
-    grid_prompts = sorted(set(data.texts))[:8]
-    loss_value = float("nan")
-    bar = tqdm(range(start, ft.steps), desc="UNet", initial=start, total=ft.steps, leave=False)
-    for step in bar:
-        g = step_generator(seed, step)
-        idx = batch_indices(len(data), ft.batch_size, g)
-        x, texts = data.batch(idx)
-        drop = torch.rand(len(texts), generator=g) < ft.text_dropout
-        texts = ["" if d else t for t, d in zip(texts, drop.tolist(), strict=True)]
-        with torch.no_grad():
-            posterior = gen.vae.encode(x.to(dev)).latent_dist
-            eps_z = torch.randn(posterior.mean.shape, generator=g).to(dev)
-            latents = (posterior.mean + posterior.std * eps_z) * scaling
-        noise = torch.randn(latents.shape, generator=g).to(dev)
-        t = torch.randint(0, n_train, (latents.shape[0],), generator=g).to(dev)
-        noisy = scheduler.add_noise(latents, noise, t)
-        if ft.train_text_encoder:
-            cond = gen.encode_prompts(texts)
-        else:
-            with torch.no_grad():
-                cond = gen.encode_prompts(texts)
-        pred = gen.unet(noisy, t, encoder_hidden_states=cond).sample
-        target = (
-            noise
-            if scheduler.config.prediction_type == "epsilon"
-            else scheduler.get_velocity(latents, noise, t)
-        )
-        loss = F.mse_loss(pred.float(), target.float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if ft.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(
-                [p for grp in groups for p in grp["params"]], ft.grad_clip
-            )
-        opt.step()
-        sched.step()
-        done = step + 1
-        loss_value = loss.item()
-        if done % ft.log_every == 0 or done == ft.steps:
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            writer.add_scalar("unet/loss", loss_value, done)
-            writer.add_scalar("unet/lr", sched.get_last_lr()[0], done)
-            metrics.append({"stage": "unet", "step": done, "loss": loss_value})
-        if ft.sample_every and (done % ft.sample_every == 0 or done == ft.steps):
-            grid = _sample_grid(gen, grid_prompts, sampling)
-            writer.add_image("samples", grid, done, dataformats="HWC")
-        if done % ft.checkpoint_every == 0 or done == ft.steps:
-            commit_checkpoint(
-                ckpt_root,
-                f"step-{done:06d}",
-                lambda tmp, done=done: _save_step(tmp, gen, ft, opt, sched, done, config_dict),
-                keep=ft.keep_checkpoints,
-            )
-        _flush_metrics(run_dir, metrics)
-    bar.close()
-    writer.close()
-    _flush_metrics(run_dir, metrics)
+    return groups, opt, sched, start
 
-    # ---- outputs
+
+def _unet_step(
+    gen: Generator,
+    data: ImageTextData,
+    ft: FinetuneConfig,
+    seed: int,
+    step: int,
+    dev: torch.device,
+    groups: list[dict],
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+) -> torch.Tensor:
+    """One optimizer step of the noise-prediction loss (captions dropped at
+    ``ft.text_dropout``), every draw from step ``step``'s generator; returns the loss."""
+    scheduler = gen.scheduler
+    g = step_generator(seed, step)
+    idx = batch_indices(len(data), ft.batch_size, g)
+    x, texts = data.batch(idx)
+    drop = torch.rand(len(texts), generator=g) < ft.text_dropout
+    texts = ["" if d else t for t, d in zip(texts, drop.tolist(), strict=True)]
+    with torch.no_grad():
+        posterior = gen.vae.encode(x.to(dev)).latent_dist
+        eps_z = torch.randn(posterior.mean.shape, generator=g).to(dev)
+        latents = (posterior.mean + posterior.std * eps_z) * gen.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=g).to(dev)
+    n_train = scheduler.config.num_train_timesteps
+    t = torch.randint(0, n_train, (latents.shape[0],), generator=g).to(dev)
+    noisy = scheduler.add_noise(latents, noise, t)
+    if ft.train_text_encoder:
+        cond = gen.encode_prompts(texts)
+    else:
+        with torch.no_grad():
+            cond = gen.encode_prompts(texts)
+    pred = gen.unet(noisy, t, encoder_hidden_states=cond).sample
+    target = (
+        noise
+        if scheduler.config.prediction_type == "epsilon"
+        else scheduler.get_velocity(latents, noise, t)
+    )
+    loss = F.mse_loss(pred.float(), target.float())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if ft.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for grp in groups for p in grp["params"]], ft.grad_clip)
+    opt.step()
+    sched.step()
+    return loss
+
+
+def _save_outputs(
+    run_dir: Path,
+    gen: Generator,
+    model_cfg: ModelConfig,
+    ft: FinetuneConfig,
+    sampling: SamplingConfig,
+    grid_prompts: list[str],
+    done: int,
+) -> tuple[Path, Path | None]:
+    """Write ``generator/`` (LoRA merged), ``adapter/`` (lora mode) and the sample grid;
+    returns (generator dir, adapter dir or None)."""
     gen.unet.eval()
     gen.text_encoder.eval()
     adapter_dir = None
     base_dir = run_dir / "generator"
     grid = _sample_grid(gen, grid_prompts, sampling)
-    done = max(ft.steps, start)
     adapter = None
     if ft.mode == "lora":
         adapter = (get_adapter_state(gen.unet), gen.unet.peft_config[ADAPTER_NAME])
@@ -356,7 +403,7 @@ def finetune(
             extra={"base": _base_name(model_cfg), "merged_into": "generator", "step": done},
         )
     save_png(grid, run_dir / "samples" / "finetune-grid.png")
-    return FinetuneResult(base_dir, adapter_dir, done, start, loss_value)
+    return base_dir, adapter_dir
 
 
 def unmerged_adapter(run_dir: str | os.PathLike) -> Path | None:
