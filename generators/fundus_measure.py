@@ -167,42 +167,11 @@ def measure(image: np.ndarray) -> dict[str, float | str]:
     # local background without the lesions: a median over ~1/9 of the image side
     bg = _median_background(g, fov_in)
     noise_rel = _noise_sigma(g, fov_in) / max(float(g[fov_in].mean()), 1e-3)
-
-    # red lesions: dark blobs in the green channel that no line (vessel) of the opening
-    # fits in; the threshold rises with the noise
-    dark = np.clip(1 - ndimage.gaussian_filter(g, 0.5) / bg, 0, 1)
-    length = max(5, int(round(0.05 * n)) | 1)
-    opened = np.zeros_like(dark)
-    for fp in _line_footprints(length, 12 if n > 96 else 8):
-        np.maximum(opened, ndimage.grey_opening(dark, footprint=fp), out=opened)
-    residual = dark - opened  # a blob keeps nearly all its darkness, a vessel little
-    red = (residual > 0.25 + 2.0 * noise_rel) & (residual > 0.7 * dark) & region
-
-    # bright lesions: much brighter than the local background; yellow (blue/green below
-    # 0.62) = hard exudate, whiter = cotton wool spot
-    g_s, b_s = ndimage.gaussian_filter(g, 0.5), ndimage.gaussian_filter(b, 0.5)
-    bright = (g_s / bg > 1.3 + 2.0 * noise_rel) & region
-    yellow = b_s / np.maximum(g_s, 1e-3) < 0.62
-    exudate, cotton = bright & yellow, bright & ~yellow
-
-    # illumination: darkest / brightest median of 8 sectors of the ring 0.3..0.85 radius
-    lum = _blur(f.mean(axis=-1), 0.03 * n)
-    rr = np.hypot(grid_x - cx, grid_y - cy) / radius
-    sector = ((np.arctan2(grid_y - cy, grid_x - cx) + np.pi) / (2 * np.pi) * 8).astype(int) % 8
-    ring = (rr > 0.3) & (rr < 0.85) & fov & ~disc_zone
-    medians = [float(np.median(lum[ring & (sector == k)])) for k in range(8)]
-    medians = [m for m in medians if np.isfinite(m)]
-    uniformity = min(medians) / max(max(medians), 1e-6) if medians else 1.0
-
-    # sharpness and noise at native resolution (capped)
-    native = _resized(full, _SHARPNESS_SIDE)
-    g_native = native[..., 1]
-    fov_native = _fov_mask(native)
-    region_native = _inner(fov_native, 0.05 * math.sqrt(fov_native.size))
-    noise = _noise_sigma(g_native, region_native)
-    mean_g = max(float(g_native[region_native].mean()), 1e-3)
-    lap = ndimage.laplace(g_native / mean_g)[region_native]
-    sharpness = max(float(lap.var()) - 20.0 * (noise / mean_g) ** 2, 0.0)
+    red = _red_lesions(g, bg, noise_rel, n) & region
+    exudate, cotton = _bright_lesions(g, b, bg, noise_rel, region)
+    dx, dy = grid_x - cx, grid_y - cy
+    uniformity = _illumination_uniformity(f, fov & ~disc_zone, n, dx, dy, radius)
+    sharpness, noise = _sharpness_and_noise(full)
     return {
         "laterality": "right" if disc_x * w > cx + 0.5 else "left",
         "disc_x": float(disc_x),
@@ -215,3 +184,54 @@ def measure(image: np.ndarray) -> dict[str, float | str]:
         "noise": float(noise),
         "fov_fraction": float(fov.mean()),
     }
+
+
+def _red_lesions(g: np.ndarray, bg: np.ndarray, noise_rel: float, n: float) -> np.ndarray:
+    """Red lesions: dark blobs in the green channel that no line (vessel) of the opening
+    fits in; the threshold rises with the noise."""
+    dark = np.clip(1 - ndimage.gaussian_filter(g, 0.5) / bg, 0, 1)
+    length = max(5, int(round(0.05 * n)) | 1)
+    opened = np.zeros_like(dark)
+    for fp in _line_footprints(length, 12 if n > 96 else 8):
+        np.maximum(opened, ndimage.grey_opening(dark, footprint=fp), out=opened)
+    residual = dark - opened  # a blob keeps nearly all its darkness, a vessel little
+    return (residual > 0.25 + 2.0 * noise_rel) & (residual > 0.7 * dark)
+
+
+def _bright_lesions(
+    g: np.ndarray, b: np.ndarray, bg: np.ndarray, noise_rel: float, region: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(hard exudates, cotton wool spots) in ``region``: much brighter than the local
+    background, yellow (blue/green below 0.62) or whiter."""
+    g_s, b_s = ndimage.gaussian_filter(g, 0.5), ndimage.gaussian_filter(b, 0.5)
+    bright = (g_s / bg > 1.3 + 2.0 * noise_rel) & region
+    yellow = b_s / np.maximum(g_s, 1e-3) < 0.62
+    return bright & yellow, bright & ~yellow
+
+
+def _illumination_uniformity(
+    f: np.ndarray, area: np.ndarray, n: float, dx: np.ndarray, dy: np.ndarray, radius: float
+) -> float:
+    """Darkest / brightest median brightness of 8 sectors of the ring 0.3..0.85 radius
+    within ``area`` (``dx``, ``dy``: offsets from the field of view's centre)."""
+    lum = _blur(f.mean(axis=-1), 0.03 * n)
+    rr = np.hypot(dx, dy) / radius
+    sector = ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * 8).astype(int) % 8
+    ring = (rr > 0.3) & (rr < 0.85) & area
+    medians = [float(np.median(lum[ring & (sector == k)])) for k in range(8)]
+    medians = [m for m in medians if np.isfinite(m)]
+    return min(medians) / max(max(medians), 1e-6) if medians else 1.0
+
+
+def _sharpness_and_noise(full: np.ndarray) -> tuple[float, float]:
+    """(sharpness, noise) of the green channel at native resolution (capped at
+    ``_SHARPNESS_SIDE``): Laplacian variance of the brightness-normalised channel with the
+    noise part removed, and Immerkaer's noise estimate."""
+    native = _resized(full, _SHARPNESS_SIDE)
+    g_native = native[..., 1]
+    fov_native = _fov_mask(native)
+    region_native = _inner(fov_native, 0.05 * math.sqrt(fov_native.size))
+    noise = _noise_sigma(g_native, region_native)
+    mean_g = max(float(g_native[region_native].mean()), 1e-3)
+    lap = ndimage.laplace(g_native / mean_g)[region_native]
+    return max(float(lap.var()) - 20.0 * (noise / mean_g) ** 2, 0.0), noise
