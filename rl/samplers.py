@@ -164,6 +164,95 @@ def chunked(requests: Sequence[SampleRequest], size: int) -> list[list[SampleReq
     return [list(requests[i : i + size]) for i in range(0, len(requests), size)]
 
 
+_Chunk = list[SampleRequest]
+
+
+class _ChunkQueue:
+    """The state of one :func:`draw_samples` call: chunks waiting, running and answered,
+    samplers free or being probed after a failure."""
+
+    def __init__(self, samplers: Sequence[Any], chunks: list[_Chunk]):
+        self.samplers = samplers
+        self.pending: list[tuple[_Chunk, int]] = [(c, 0) for c in chunks]
+        self.free = list(range(len(samplers)))
+        self.running: dict[Any, tuple[int, _Chunk, int]] = {}
+        # info() of a failed sampler: (who, deadline)
+        self.probes: dict[Any, tuple[int, float]] = {}
+        self.done: dict[str, tuple[Trajectories, int]] = {}
+        self.redrawn = 0
+
+    def submit(self, version: int, adapter_ref: Any) -> None:
+        """Hand waiting chunks to free samplers, first in the queue to first free."""
+        while self.pending and self.free:
+            (work, attempts), who = self.pending.pop(0), self.free.pop(0)
+            ref = self.samplers[who].sample.remote(work, version, [adapter_ref])
+            self.running[ref] = (who, work, attempts)
+
+    def probe(self, who: int, deadline: float) -> None:
+        """Ask sampler ``who`` for ``info()``; it gets work again once that answers."""
+        self.probes[self.samplers[who].info.remote()] = (who, deadline)
+
+    def answer_probe(self, ref: Any) -> None:
+        """Free the probed sampler if it answered; ask again until its deadline if not."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        who, deadline = self.probes.pop(ref)
+        try:
+            ray.get(ref)
+        except RayActorError:
+            if time.monotonic() < deadline:
+                time.sleep(0.2)  # still restarting: ask again shortly
+                self.probe(who, deadline)
+            else:
+                log.warning("sampler %d did not come back; not used again", who)
+            return
+        self.free.append(who)
+
+    def collect(self, ref: Any, max_attempts: int, restart_timeout_s: float) -> Trajectories | None:
+        """The new samples of a finished chunk, or None if its sampler died (then the
+        chunk goes back to the front of the queue and the sampler is probed)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        who, work, attempts = self.running.pop(ref)
+        try:
+            part: Trajectories = ray.get(ref)
+        except RayActorError as exc:
+            attempts += 1
+            self.redrawn += len(work)
+            if attempts >= max_attempts:
+                raise RuntimeError(
+                    f"samples {work[0].sample_id}..{work[-1].sample_id} failed {attempts} "
+                    f"times (sampler {who}): {exc}"
+                ) from exc
+            log.warning(
+                "sampler %d died; redrawing %d samples (%s..)", who, len(work), work[0].sample_id
+            )
+            self.pending.insert(0, (work, attempts))
+            self.probe(who, time.monotonic() + restart_timeout_s)  # work again once it is back
+            return None
+        self.free.append(who)
+        fresh = [i for i, sid in enumerate(part.ids) if sid not in self.done]
+        if len(fresh) != len(part.ids):
+            part = part.select(fresh)
+        for i, sid in enumerate(part.ids):
+            self.done[sid] = (part, i)
+        return part
+
+
+def _in_request_order(
+    parts: list[Trajectories], ids: list[str], done: dict[str, Any]
+) -> Trajectories:
+    """The drawn parts as one batch in the order of ``ids``; every id must be in ``done``."""
+    missing = [sid for sid in ids if sid not in done]
+    if missing:
+        raise RuntimeError(f"draw_samples: {len(missing)} samples never came back: {missing[:5]}")
+    merged = Trajectories.cat(parts)
+    position = {sid: i for i, sid in enumerate(merged.ids)}
+    return merged.select([position[sid] for sid in ids])
+
+
 def draw_samples(
     samplers: Sequence[Any],
     requests: Sequence[SampleRequest],
@@ -188,82 +277,31 @@ def draw_samples(
     ``meta["redrawn"]`` counts the samples submitted again here.
     """
     import ray
-    from ray.exceptions import RayActorError
 
     ids = [r.sample_id for r in requests]
     if len(set(ids)) != len(ids):
         raise ValueError("draw_samples: duplicate sample ids in the requests")
     if not samplers:
         raise ValueError("draw_samples: no sampler actors")
-    pending: list[tuple[list[SampleRequest], int]] = [(c, 0) for c in chunked(requests, chunk)]
-    free = list(range(len(samplers)))
-    running: dict[Any, tuple[int, list[SampleRequest], int]] = {}
-    probes: dict[Any, tuple[int, float]] = {}  # info() of a failed sampler: (who, deadline)
-    done: dict[str, tuple[Trajectories, int]] = {}
+    queue = _ChunkQueue(samplers, chunked(requests, chunk))
     parts: list[Trajectories] = []
-    redrawn = 0
     t0 = time.perf_counter()
-
-    def probe(who: int, deadline: float) -> None:
-        probes[samplers[who].info.remote()] = (who, deadline)
-
-    while pending or running:
-        while pending and free:
-            (work, attempts), who = pending.pop(0), free.pop(0)
-            ref = samplers[who].sample.remote(work, version, [adapter_ref])
-            running[ref] = (who, work, attempts)
-        if not running and not probes:
+    while queue.pending or queue.running:
+        queue.submit(version, adapter_ref)
+        if not queue.running and not queue.probes:
             raise RuntimeError(
                 f"draw_samples: no sampler came back within {restart_timeout_s:g} s; "
-                f"{sum(len(w) for w, _ in pending)} samples not drawn"
+                f"{sum(len(w) for w, _ in queue.pending)} samples not drawn"
             )
-        ready, _ = ray.wait([*running, *probes], num_returns=1)
-        ref = ready[0]
-        if ref in probes:
-            who, deadline = probes.pop(ref)
-            try:
-                ray.get(ref)
-            except RayActorError:
-                if time.monotonic() < deadline:
-                    time.sleep(0.2)  # still restarting: ask again shortly
-                    probe(who, deadline)
-                else:
-                    log.warning("sampler %d did not come back; not used again", who)
-                continue
-            free.append(who)
+        ready, _ = ray.wait([*queue.running, *queue.probes], num_returns=1)
+        if ready[0] in queue.probes:
+            queue.answer_probe(ready[0])
             continue
-        who, work, attempts = running.pop(ref)
-        try:
-            part: Trajectories = ray.get(ref)
-        except RayActorError as exc:
-            attempts += 1
-            redrawn += len(work)
-            if attempts >= max_attempts:
-                raise RuntimeError(
-                    f"samples {work[0].sample_id}..{work[-1].sample_id} failed {attempts} "
-                    f"times (sampler {who}): {exc}"
-                ) from exc
-            log.warning(
-                "sampler %d died; redrawing %d samples (%s..)", who, len(work), work[0].sample_id
-            )
-            pending.insert(0, (work, attempts))
-            probe(who, time.monotonic() + restart_timeout_s)  # work again once it is back
-            continue
-        free.append(who)
-        fresh = [i for i, sid in enumerate(part.ids) if sid not in done]
-        if len(fresh) != len(part.ids):
-            part = part.select(fresh)
-        for i, sid in enumerate(part.ids):
-            done[sid] = (part, i)
-        if len(part):
+        part = queue.collect(ready[0], max_attempts, restart_timeout_s)
+        if part is not None and len(part):
             parts.append(part)
             if on_chunk is not None:
                 on_chunk(part)
-    missing = [sid for sid in ids if sid not in done]
-    if missing:
-        raise RuntimeError(f"draw_samples: {len(missing)} samples never came back: {missing[:5]}")
-    merged = Trajectories.cat(parts)
-    position = {sid: i for i, sid in enumerate(merged.ids)}
-    out = merged.select([position[sid] for sid in ids])
-    out.meta = {"seconds": time.perf_counter() - t0, "redrawn": redrawn}
+    out = _in_request_order(parts, ids, queue.done)
+    out.meta = {"seconds": time.perf_counter() - t0, "redrawn": queue.redrawn}
     return out, out.meta
