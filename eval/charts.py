@@ -122,6 +122,99 @@ def _tick(v: float) -> str:
     return f"{v:.4g}"
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """A chart's plot area (px) and the data ranges it maps onto."""
+
+    left: int
+    top: int
+    pw: int
+    ph: int
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+
+    def sx(self, v: float) -> float:
+        return self.left + (v - self.x0) / (self.x1 - self.x0) * self.pw
+
+    def sy(self, v: float) -> float:
+        return self.top + self.ph - (v - self.y0) / (self.y1 - self.y0) * self.ph
+
+
+def _finite_points(
+    x: Sequence[float],
+    y: Sequence[float],
+    band: tuple[Sequence[float], Sequence[float]] | None,
+) -> tuple[list[tuple[float, float]], list[float] | None, list[float] | None]:
+    """The points whose x and y are finite, and the band's lows and highs at those points."""
+    pts = [(float(a), float(b)) for a, b in zip(x, y, strict=True)]
+    keep = [i for i, (a, b) in enumerate(pts) if math.isfinite(a) and math.isfinite(b)]
+    pts = [pts[i] for i in keep]
+    lows = highs = None
+    if band is not None:
+        lows = [float(band[0][i]) for i in keep]
+        highs = [float(band[1][i]) for i in keep]
+    return pts, lows, highs
+
+
+def _svg_grid(
+    f: _Frame, xticks: list[float], yticks: list[float], x_label: str, height: int
+) -> list[str]:
+    """The plot area's box, gridlines, tick labels and x-axis label."""
+    left, top, pw, ph = f.left, f.top, f.pw, f.ph
+    out = [f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#c5cad6"/>']
+    for t in yticks:
+        out.append(
+            f'<line x1="{left}" x2="{left + pw}" y1="{f.sy(t):.1f}" y2="{f.sy(t):.1f}" '
+            'stroke="#eceef3"/>'
+            f'<text x="{left - 5}" y="{f.sy(t) + 4:.1f}" text-anchor="end" font-size="11" '
+            f'fill="#5b6476">{_tick(t)}</text>'
+        )
+    for t in xticks:
+        out.append(
+            f'<line x1="{f.sx(t):.1f}" x2="{f.sx(t):.1f}" y1="{top + ph}" y2="{top + ph + 4}" '
+            'stroke="#8a93a6"/>'
+            f'<text x="{f.sx(t):.1f}" y="{top + ph + 16}" text-anchor="middle" font-size="11" '
+            f'fill="#5b6476">{_tick(t)}</text>'
+        )
+    out.append(
+        f'<text x="{left + pw / 2}" y="{height - 4}" text-anchor="middle" font-size="11" '
+        f'fill="#3f4757">{html.escape(x_label)}</text>'
+    )
+    return out
+
+
+def _svg_curve(
+    f: _Frame,
+    pts: list[tuple[float, float]],
+    lows: list[float] | None,
+    highs: list[float] | None,
+    color: str,
+) -> list[str]:
+    """The shaded band, the line and (up to 40 points) a dot per point."""
+    out = []
+    xs = [p[0] for p in pts]
+    if lows is not None and highs is not None and len(pts) > 1:
+        poly = [f"{f.sx(a):.1f},{f.sy(h):.1f}" for a, h in zip(xs, highs, strict=True)]
+        poly += [
+            f"{f.sx(a):.1f},{f.sy(lo):.1f}" for a, lo in zip(xs[::-1], lows[::-1], strict=True)
+        ]
+        out.append(f'<polygon points="{" ".join(poly)}" fill="{color}" fill-opacity="0.15"/>')
+    if len(pts) > 1:
+        line = " ".join(f"{f.sx(a):.1f},{f.sy(b):.1f}" for a, b in pts)
+        out.append(
+            f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.8" '
+            'stroke-linejoin="round"/>'
+        )
+    if len(pts) <= 40:
+        out += [
+            f'<circle cx="{f.sx(a):.1f}" cy="{f.sy(b):.1f}" r="2.6" fill="{color}"/>'
+            for a, b in pts
+        ]
+    return out
+
+
 def svg_line_chart(
     x: Sequence[float],
     y: Sequence[float],
@@ -139,13 +232,7 @@ def svg_line_chart(
     axis spans at least this range (a scale's meaningful range, so that a wobble inside
     the noise does not fill the chart).
     """
-    pts = [(float(a), float(b)) for a, b in zip(x, y, strict=True)]
-    keep = [i for i, (a, b) in enumerate(pts) if math.isfinite(a) and math.isfinite(b)]
-    pts = [pts[i] for i in keep]
-    lows = highs = None
-    if band is not None:
-        lows = [float(band[0][i]) for i in keep]
-        highs = [float(band[1][i]) for i in keep]
+    pts, lows, highs = _finite_points(x, y, band)
     left, right, top, bottom = 56, 14, 26, 38
     pw, ph = width - left - right, height - top - bottom
     out = [
@@ -167,48 +254,9 @@ def svg_line_chart(
     x0, x1, xticks = _axis(
         min(xs), max(xs), 6, tight=True, integer=all(float(v).is_integer() for v in xs)
     )
-
-    def sx(v: float) -> float:
-        return left + (v - x0) / (x1 - x0) * pw
-
-    def sy(v: float) -> float:
-        return top + ph - (v - y0) / (y1 - y0) * ph
-
-    out.append(
-        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#c5cad6"/>'
-    )
-    for t in yticks:
-        out.append(
-            f'<line x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" '
-            'stroke="#eceef3"/>'
-            f'<text x="{left - 5}" y="{sy(t) + 4:.1f}" text-anchor="end" font-size="11" '
-            f'fill="#5b6476">{_tick(t)}</text>'
-        )
-    for t in xticks:
-        out.append(
-            f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top + ph}" y2="{top + ph + 4}" '
-            'stroke="#8a93a6"/>'
-            f'<text x="{sx(t):.1f}" y="{top + ph + 16}" text-anchor="middle" font-size="11" '
-            f'fill="#5b6476">{_tick(t)}</text>'
-        )
-    out.append(
-        f'<text x="{left + pw / 2}" y="{height - 4}" text-anchor="middle" font-size="11" '
-        f'fill="#3f4757">{html.escape(x_label)}</text>'
-    )
-    if lows is not None and highs is not None and len(pts) > 1:
-        poly = [f"{sx(a):.1f},{sy(h):.1f}" for a, h in zip(xs, highs, strict=True)]
-        poly += [f"{sx(a):.1f},{sy(lo):.1f}" for a, lo in zip(xs[::-1], lows[::-1], strict=True)]
-        out.append(f'<polygon points="{" ".join(poly)}" fill="{color}" fill-opacity="0.15"/>')
-    if len(pts) > 1:
-        line = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in pts)
-        out.append(
-            f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.8" '
-            'stroke-linejoin="round"/>'
-        )
-    if len(pts) <= 40:
-        out += [
-            f'<circle cx="{sx(a):.1f}" cy="{sy(b):.1f}" r="2.6" fill="{color}"/>' for a, b in pts
-        ]
+    frame = _Frame(left, top, pw, ph, x0, x1, y0, y1)
+    out += _svg_grid(frame, xticks, yticks, x_label, height)
+    out += _svg_curve(frame, pts, lows, highs, color)
     out.append("</svg>")
     return "".join(out)
 
