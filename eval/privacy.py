@@ -197,6 +197,100 @@ def _ssim_candidates(
     return best, best_idx
 
 
+def _check_settings(
+    percentile: float, ssim_threshold: float, ssim_size: int, candidates: int
+) -> None:
+    """Raise a ValueError for a threshold, SSIM size or candidate count out of range."""
+    if not 0.0 < percentile < 100.0:
+        raise ValueError(f"percentile: expected a value in (0, 100), got {percentile}")
+    if not -1.0 <= ssim_threshold <= 1.0:
+        raise ValueError(f"ssim_threshold: expected a value in [-1, 1], got {ssim_threshold}")
+    if ssim_size < 11:
+        raise ValueError(f"ssim_size: expected >= 11 px (the SSIM window), got {ssim_size}")
+    if candidates < 1:
+        raise ValueError(f"candidates: expected >= 1, got {candidates}")
+
+
+def _check_one_image_per_row(images: ImageBatch, what: str, rows: int) -> None:
+    """Raise a ValueError unless ``images`` holds one image per feature row."""
+    if num_images(images, what) != rows:
+        raise ValueError(
+            f"{what}: expected one image per feature row ({rows}), got {num_images(images, what)}"
+        )
+
+
+def _holdout_threshold(
+    holdout_features: ArrayLike | None, train: np.ndarray, metric: Metric, percentile: float
+) -> tuple[np.ndarray | None, float | None]:
+    """Each held-out image's distance to its nearest training image, and rule 2's threshold
+    (their ``percentile``-th percentile); both None without held-out features."""
+    if holdout_features is None:
+        return None, None
+    hold = as_feature_matrix(holdout_features, "holdout features", 1)
+    hold_dcr = nearest_neighbours(hold, train, metric)[0][:, 0]
+    return hold_dcr, float(np.percentile(hold_dcr, percentile))
+
+
+def _ssim_view(
+    generated_images: ImageBatch | None,
+    train_images: ImageBatch | None,
+    holdout_images: ImageBatch | None,
+    holdout_features: ArrayLike | None,
+    gen: np.ndarray,
+    train: np.ndarray,
+    gen_nn: np.ndarray,
+    hold_dcr: np.ndarray | None,
+    metric: Metric,
+    ssim_size: int,
+    candidates: int,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Each generated image's highest SSIM to a training image and that image's index, and
+    each held-out image's highest SSIM; None for what the images given do not allow."""
+    if (generated_images is None) != (train_images is None):
+        raise ValueError("generated_images and train_images: give both or neither")
+    if generated_images is None or train_images is None:
+        return None, None, None
+    _check_one_image_per_row(generated_images, "generated_images", gen.shape[0])
+    _check_one_image_per_row(train_images, "train_images", train.shape[0])
+    gen_small = resized_float_batch(generated_images, ssim_size, "generated_images")
+    train_small = resized_float_batch(train_images, ssim_size, "train_images")
+    gen_small, train_small = gen_small.add(1).div(2), train_small.add(1).div(2)
+    ssim_max, ssim_nn = _ssim_candidates(gen_small, train_small, gen_nn, candidates)
+    if holdout_images is None or holdout_features is None or hold_dcr is None:
+        return ssim_max, ssim_nn, None
+    _check_one_image_per_row(holdout_images, "holdout_images", hold_dcr.shape[0])
+    hold_small = resized_float_batch(holdout_images, ssim_size, "holdout_images")
+    hold_nn = nearest_neighbours(
+        holdout_features, train, metric, k=min(candidates, train.shape[0])
+    )[1]
+    hold_ssim = _ssim_candidates(hold_small.add(1).div(2), train_small, hold_nn, candidates)[0]
+    return ssim_max, ssim_nn, hold_ssim
+
+
+def _near_copies(
+    gen_dcr: np.ndarray,
+    gen_nn: np.ndarray,
+    ssim_max: np.ndarray | None,
+    ssim_nn: np.ndarray | None,
+    ssim_threshold: float,
+    threshold: float | None,
+) -> list[NearCopy]:
+    """The generated images that either near-copy rule flags, with the reasons."""
+    near: list[NearCopy] = []
+    for i in range(gen_dcr.shape[0]):
+        reasons = []
+        s = math.nan if ssim_max is None else float(ssim_max[i])
+        by_ssim = ssim_max is not None and s > ssim_threshold
+        if by_ssim:
+            reasons.append(f"SSIM {s:.3f} > {ssim_threshold}")
+        if threshold is not None and gen_dcr[i, 0] < threshold:
+            reasons.append(f"feature distance {gen_dcr[i, 0]:.4g} < {threshold:.4g}")
+        if reasons:
+            j = int(ssim_nn[i]) if by_ssim and ssim_nn is not None else int(gen_nn[i, 0])
+            near.append(NearCopy(i, j, float(gen_dcr[i, 0]), s, tuple(reasons)))
+    return near
+
+
 def privacy_report(
     generated_features: ArrayLike,
     train_features: ArrayLike,
@@ -231,70 +325,19 @@ def privacy_report(
     """
     gen = as_feature_matrix(generated_features, "generated features", 1)
     train = as_feature_matrix(train_features, "train features", 1)
-    if not 0.0 < percentile < 100.0:
-        raise ValueError(f"percentile: expected a value in (0, 100), got {percentile}")
-    if not -1.0 <= ssim_threshold <= 1.0:
-        raise ValueError(f"ssim_threshold: expected a value in [-1, 1], got {ssim_threshold}")
-    if ssim_size < 11:
-        raise ValueError(f"ssim_size: expected >= 11 px (the SSIM window), got {ssim_size}")
-    if candidates < 1:
-        raise ValueError(f"candidates: expected >= 1, got {candidates}")
+    _check_settings(percentile, ssim_threshold, ssim_size, candidates)
 
     gen_dcr, gen_nn = nearest_neighbours(gen, train, metric, k=min(candidates, train.shape[0]))
+    hold_dcr, threshold = _holdout_threshold(holdout_features, train, metric, percentile)
     skipped: list[str] = []
-    hold_dcr = threshold = None
-    if holdout_features is not None:
-        hold = as_feature_matrix(holdout_features, "holdout features", 1)
-        hold_dcr = nearest_neighbours(hold, train, metric)[0][:, 0]
-        threshold = float(np.percentile(hold_dcr, percentile))
-    else:
+    if threshold is None:
         skipped.append("feature distance (no held-out features to set the threshold)")
-
-    ssim_max = ssim_nn = hold_ssim = None
-    if (generated_images is None) != (train_images is None):
-        raise ValueError("generated_images and train_images: give both or neither")
-    if generated_images is not None and train_images is not None:
-        for what, imgs, feats in (
-            ("generated_images", generated_images, gen),
-            ("train_images", train_images, train),
-        ):
-            if num_images(imgs, what) != feats.shape[0]:
-                raise ValueError(
-                    f"{what}: expected one image per feature row ({feats.shape[0]}), "
-                    f"got {num_images(imgs, what)}"
-                )
-        gen_small = resized_float_batch(generated_images, ssim_size, "generated_images")
-        train_small = resized_float_batch(train_images, ssim_size, "train_images")
-        gen_small, train_small = gen_small.add(1).div(2), train_small.add(1).div(2)
-        ssim_max, ssim_nn = _ssim_candidates(gen_small, train_small, gen_nn, candidates)
-        if holdout_images is not None and holdout_features is not None:
-            if num_images(holdout_images, "holdout_images") != hold_dcr.shape[0]:
-                raise ValueError(
-                    f"holdout_images: expected one image per feature row ({hold_dcr.shape[0]}), "
-                    f"got {num_images(holdout_images, 'holdout_images')}"
-                )
-            hold_small = resized_float_batch(holdout_images, ssim_size, "holdout_images")
-            hold_nn = nearest_neighbours(
-                holdout_features, train, metric, k=min(candidates, train.shape[0])
-            )[1]
-            hold_ssim = _ssim_candidates(
-                hold_small.add(1).div(2), train_small, hold_nn, candidates
-            )[0]
-    else:
+    ssim_max, ssim_nn, hold_ssim = _ssim_view(
+        generated_images, train_images, holdout_images, holdout_features, gen, train, gen_nn,
+        hold_dcr, metric, ssim_size, candidates,
+    )  # fmt: skip
+    if ssim_max is None:
         skipped.append("SSIM (no images given)")
-
-    near: list[NearCopy] = []
-    for i in range(gen.shape[0]):
-        reasons = []
-        s = math.nan if ssim_max is None else float(ssim_max[i])
-        by_ssim = ssim_max is not None and s > ssim_threshold
-        if by_ssim:
-            reasons.append(f"SSIM {s:.3f} > {ssim_threshold}")
-        if threshold is not None and gen_dcr[i, 0] < threshold:
-            reasons.append(f"feature distance {gen_dcr[i, 0]:.4g} < {threshold:.4g}")
-        if reasons:
-            j = int(ssim_nn[i]) if by_ssim else int(gen_nn[i, 0])
-            near.append(NearCopy(i, j, float(gen_dcr[i, 0]), s, tuple(reasons)))
 
     return PrivacyResult(
         metric=metric,
@@ -308,6 +351,6 @@ def privacy_report(
         generated_ssim_nn=ssim_nn,
         holdout_ssim_max=hold_ssim,
         ssim_threshold=ssim_threshold,
-        near_copies=near,
+        near_copies=_near_copies(gen_dcr, gen_nn, ssim_max, ssim_nn, ssim_threshold, threshold),
         skipped_rules=skipped,
     )
