@@ -122,6 +122,63 @@ def ray_init(cfg: RLRun) -> bool:
     return True
 
 
+def _learner_uses_gpu(cfg: RLRun) -> bool:
+    """``rl.learner_use_gpu``; ``auto``: whether the Ray cluster has GPUs."""
+    import ray
+
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    return has_gpu if cfg.rl.learner_use_gpu == "auto" else cfg.rl.learner_use_gpu == "true"
+
+
+def _trainer(
+    cfg: RLRun,
+    inputs: dict[str, Any],
+    samplers: list[Any],
+    rewards: list[Any],
+    use_gpu: bool,
+    callbacks: Sequence[Any] | None,
+) -> Any:
+    """The ``TorchTrainer`` whose workers run :func:`train_loop_per_worker` with these actors."""
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg,
+            "inputs": inputs,
+            "samplers": samplers,
+            "rewards": rewards,
+            "threads": 1,
+            "use_gpu": use_gpu,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.rl.learner_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": 1},
+        ),
+        run_config=TrainRunConfig(
+            name=f"rl-{cfg.run.name}",
+            storage_path=str(Path(inputs["run_dir"]) / RL_DIR / "ray"),
+            callbacks=list(callbacks or []),
+        ),
+    )
+
+
+def _stop(actors: list[Any], shutdown: bool) -> None:
+    """Kill the actors (one already gone is fine), then shut Ray down if ``shutdown``."""
+    import ray
+
+    for actor in actors:
+        try:
+            ray.kill(actor)
+        except Exception as exc:  # an actor already gone is fine
+            log.debug("could not kill %s: %s", actor, exc)
+    if shutdown:
+        ray.shutdown()
+
+
 def run_rl(cfg: RLRun, callbacks: Sequence[Any] | None = None) -> dict[str, Any]:
     """Driver of ``medrl rl train``: actors, reward service, the TorchTrainer.
 
@@ -131,11 +188,6 @@ def run_rl(cfg: RLRun, callbacks: Sequence[Any] | None = None) -> dict[str, Any]
     metrics.jsonl) and the Ray Train ``result``. A failed trainer raises (Ray Train's
     ``TrainingFailedError``); the actors are stopped either way.
     """
-    import ray
-    from ray.train import RunConfig as TrainRunConfig
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from rewards.service import start_reward_services
     from rl.samplers import start_samplers
 
@@ -148,8 +200,7 @@ def run_rl(cfg: RLRun, callbacks: Sequence[Any] | None = None) -> dict[str, Any]
     samplers: list[Any] = []
     rewards: list[Any] = []
     try:
-        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        use_gpu = has_gpu if cfg.rl.learner_use_gpu == "auto" else cfg.rl.learner_use_gpu == "true"
+        use_gpu = _learner_uses_gpu(cfg)
         log.info(
             "RL: %d samplers, %d reward service(s), %d learner worker(s) (%s)",
             cfg.rl.num_samplers,
@@ -172,36 +223,9 @@ def run_rl(cfg: RLRun, callbacks: Sequence[Any] | None = None) -> dict[str, Any]
             num_gpus=cfg.rewards.service_num_gpus,
             num_cpus=REWARD_NUM_CPUS,
         )
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "cfg": cfg,
-                "inputs": inputs,
-                "samplers": samplers,
-                "rewards": rewards,
-                "threads": 1,
-                "use_gpu": use_gpu,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=cfg.rl.learner_workers,
-                use_gpu=use_gpu,
-                resources_per_worker={"CPU": 1},
-            ),
-            run_config=TrainRunConfig(
-                name=f"rl-{cfg.run.name}",
-                storage_path=str(run_dir / RL_DIR / "ray"),
-                callbacks=list(callbacks or []),
-            ),
-        )
-        result = trainer.fit()
+        result = _trainer(cfg, inputs, samplers, rewards, use_gpu, callbacks).fit()
     finally:
-        for actor in [*samplers, *rewards]:
-            try:
-                ray.kill(actor)
-            except Exception as exc:  # an actor already gone is fine
-                log.debug("could not kill %s: %s", actor, exc)
-        if started:
-            ray.shutdown()
+        _stop([*samplers, *rewards], started)
     return {
         "run_dir": run_dir,
         "adapter": run_dir / RL_DIR / "adapter",
