@@ -113,6 +113,106 @@ def _trial(
     run_rl(cfg, callbacks=[TuneReportCallback()])
 
 
+def _scheduler(tc: TuneConfig, iterations: int) -> Any:
+    """The trial scheduler ``tc.scheduler`` names: ASHA, or FIFO (every trial to the end)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if tc.scheduler != "asha":
+        return FIFOScheduler()
+    # iterations report 0..n-1 and the final evaluation n: max_t above n, so that ASHA never
+    # stops a trial at its final report (a stopped trial's actor is killed before its
+    # trainer has exported the adapter and released its placement group)
+    return ASHAScheduler(
+        time_attr="iteration",
+        max_t=iterations + 1,
+        grace_period=min(tc.grace_period, iterations),
+        reduction_factor=tc.reduction_factor,
+    )
+
+
+def _tuner(
+    cfg: RLRun,
+    space: dict[str, tuple[str, tuple[Any, ...]]],
+    make_config: Callable[[list[str]], Any],
+    prepare: Callable[[Any], Any],
+    base: list[str],
+    out: Path,
+) -> Any:
+    """The ``tune.Tuner`` whose trials run :func:`_trial` over ``space``."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    tc: TuneConfig = cfg.tune
+    scheduler = _scheduler(tc, cfg.rl.iterations)
+    trainable = tune.with_parameters(
+        _trial,
+        make_config=make_config,
+        prepare=prepare,
+        base_overrides=base,
+        run_name=cfg.run.name,
+    )
+    # the trial function only waits on its trainer: a token CPU share (Tune refuses an
+    # empty resource request); the samplers, reward service and learner workers it starts
+    # ask for their own
+    trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPUS})
+    return tune.Tuner(
+        trainable,
+        param_space={"params": to_tune_space(space)},
+        tune_config=tune.TuneConfig(
+            metric=tc.metric,
+            mode=tc.mode,
+            scheduler=scheduler,
+            num_samples=tc.num_samples,
+            # the variant generator limits concurrency itself (Tune ignores
+            # max_concurrent_trials next to a generator instance)
+            search_alg=BasicVariantGenerator(
+                max_concurrent=tc.max_concurrent, random_state=tc.seed
+            ),
+        ),
+        run_config=tune.RunConfig(name=f"tune-{cfg.run.name}", storage_path=str(out / "ray")),
+    )
+
+
+def _result_row(result: Any, tc: TuneConfig) -> dict[str, Any]:
+    """One trial's row of results.csv: its values, its last and best metric, its last
+    iteration and the first line of its error."""
+    values = (result.config or {}).get("params", {})
+    history = result.metrics_dataframe
+    metric_col = history[tc.metric] if history is not None and tc.metric in history else None
+    best = None
+    if metric_col is not None and len(metric_col.dropna()):
+        best = float(metric_col.max() if tc.mode == "max" else metric_col.min())
+    last = (result.metrics or {}).get(tc.metric)
+    return {
+        "trial": Path(result.path).name if result.path else "",
+        **values,
+        f"{tc.metric}_last": last,
+        f"{tc.metric}_best": best,
+        "last_iteration": (result.metrics or {}).get("iteration"),
+        "error": "" if result.error is None else str(result.error).splitlines()[0],
+    }
+
+
+def _best_row(rows: list[dict[str, Any]], tc: TuneConfig, results_csv: Path) -> dict[str, Any]:
+    """The best trial by its last report, among the trials that ran furthest.
+
+    Ranked by the last report (the final adapter's held-out reward for a trial that ran to
+    the end): iteration 0 scores the untouched base adapter, the same in every trial, so a
+    best-ever value would not tell trials apart. Trials that ran furthest come first: one
+    that ASHA stopped early lost to another at that point, and its last value is from
+    fewer iterations than the others'.
+    """
+    from rl.records import finite
+
+    scored = [r for r in rows if finite(r[f"{tc.metric}_last"])]
+    if not scored:
+        raise RuntimeError(f"tune: no trial reported {tc.metric}; see {results_csv}")
+    furthest = max(int(r["last_iteration"] or 0) for r in scored)
+    finalists = [r for r in scored if int(r["last_iteration"] or 0) == furthest]
+    pick = max if tc.mode == "max" else min
+    return pick(finalists, key=lambda r: r[f"{tc.metric}_last"])
+
+
 def run_tune(
     cfg: RLRun,
     make_config: Callable[[list[str]], Any],
@@ -135,13 +235,10 @@ def run_tune(
     Returns:
         ``{"results": path, "best": path, "best_values": {...}, "best_metric": float}``.
     """
+    import pandas as pd
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     from cluster.driver import ray_init
-    from rl.records import finite
     from runfiles import atomic_write_text
     from runfiles.config import to_dict
 
@@ -154,88 +251,17 @@ def run_tune(
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     started = ray_init(cfg)
     try:
-        if tc.scheduler == "asha":
-            # iterations report 0..n-1 and the final evaluation n: max_t above n, so that
-            # ASHA never stops a trial at its final report (a stopped trial's actor is
-            # killed before its trainer has exported the adapter and released its
-            # placement group)
-            scheduler = ASHAScheduler(
-                time_attr="iteration",
-                max_t=cfg.rl.iterations + 1,
-                grace_period=min(tc.grace_period, cfg.rl.iterations),
-                reduction_factor=tc.reduction_factor,
-            )
-        else:
-            scheduler = FIFOScheduler()
-        trainable = tune.with_parameters(
-            _trial,
-            make_config=make_config,
-            prepare=prepare,
-            base_overrides=base,
-            run_name=cfg.run.name,
-        )
-        # the trial function only waits on its trainer: a token CPU share (Tune refuses
-        # an empty resource request); the samplers, reward service and learner workers
-        # it starts ask for their own
-        trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPUS})
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"params": to_tune_space(space)},
-            tune_config=tune.TuneConfig(
-                metric=tc.metric,
-                mode=tc.mode,
-                scheduler=scheduler,
-                num_samples=tc.num_samples,
-                # the variant generator limits concurrency itself (Tune ignores
-                # max_concurrent_trials next to a generator instance)
-                search_alg=BasicVariantGenerator(
-                    max_concurrent=tc.max_concurrent, random_state=tc.seed
-                ),
-            ),
-            run_config=tune.RunConfig(name=f"tune-{cfg.run.name}", storage_path=str(out / "ray")),
-        )
+        tuner = _tuner(cfg, space, make_config, prepare, base, out)
         log.info("tune: %d trials over %s", tc.num_samples, ", ".join(space))
         grid = tuner.fit()
     finally:
         if started:
             ray.shutdown()
-    rows = []
-    for result in grid:
-        values = (result.config or {}).get("params", {})
-        history = result.metrics_dataframe
-        metric_col = history[tc.metric] if history is not None and tc.metric in history else None
-        best = None
-        if metric_col is not None and len(metric_col.dropna()):
-            best = float(metric_col.max() if tc.mode == "max" else metric_col.min())
-        last = (result.metrics or {}).get(tc.metric)
-        rows.append(
-            {
-                "trial": Path(result.path).name if result.path else "",
-                **values,
-                f"{tc.metric}_last": last,
-                f"{tc.metric}_best": best,
-                "last_iteration": (result.metrics or {}).get("iteration"),
-                "error": "" if result.error is None else str(result.error).splitlines()[0],
-            }
-        )
-    import pandas as pd
-
-    table = pd.DataFrame(rows)
+    rows = [_result_row(result, tc) for result in grid]
     results_csv = out / "results.csv"
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(results_csv, table.to_csv(index=False))
-    # ranked by the last report (the final adapter's held-out reward for a trial that ran
-    # to the end): iteration 0 scores the untouched base adapter, the same in every trial,
-    # so a best-ever value would not tell trials apart. Trials that ran furthest come
-    # first: one that ASHA stopped early lost to another at that point, and its last value
-    # is from fewer iterations than the others'.
-    scored = [r for r in rows if finite(r[f"{tc.metric}_last"])]
-    if not scored:
-        raise RuntimeError(f"tune: no trial reported {tc.metric}; see {results_csv}")
-    furthest = max(int(r["last_iteration"] or 0) for r in scored)
-    finalists = [r for r in scored if int(r["last_iteration"] or 0) == furthest]
-    pick = max if tc.mode == "max" else min
-    best_row = pick(finalists, key=lambda r: r[f"{tc.metric}_last"])
+    atomic_write_text(results_csv, pd.DataFrame(rows).to_csv(index=False))
+    best_row = _best_row(rows, tc, results_csv)
     best_values = {k: best_row[k] for k in space}
     best_cfg = make_config([*base, *(_override(k, v) for k, v in best_values.items())])
     best_yaml = out / "best.yaml"
