@@ -51,21 +51,32 @@ def main() -> None:
         f"held-out VAE PSNR: {reconstruction_psnr(gen, x):.2f} dB "
         f"(untrained VAE {reconstruction_psnr(untrained, x):.2f} dB, {len(val)} images)"
     )
-
     table = read_manifest(args.manifest)
     val_prompts = table.loc[table.split == "val", "Text"].tolist()
-    prompts = (val_prompts * (args.images // max(len(val_prompts), 1) + 1))[: args.images]
-    real = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in table.path[:96]])
     kw = dict(
         num_steps=cfg.sampling.num_steps, eta=cfg.sampling.eta,
         guidance_scale=cfg.sampling.guidance_scale,
     )  # fmt: skip
+    generators = {"fine-tuned": gen, "base": shipped, "untrained": untrained}
+    _frechet(table, val_prompts, args.images, generators, kw)
+    eyes = [f"colour fundus photograph, {e} eye" for e in ("left", "right")]
+    lat_prompts = [eyes[i % 2] for i in range(args.eye_images)]
+    _eyes(table, args, lat_prompts, gen, shipped, kw)
+    _text_encoder_eye(gen, val_prompts)
+    if args.rewards:
+        _alignment_eye(args.rewards, gen, lat_prompts, kw)
+
+
+def _frechet(table, val_prompts: list[str], n: int, generators: dict, kw: dict) -> None:
+    """Frechet distance of each generator's held-out-prompt samples to 96 phantoms."""
+    prompts = (val_prompts * (n // max(len(val_prompts), 1) + 1))[:n]
+    real = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in table.path[:96]])
     seeds = list(range(len(prompts)))
     feats = FallbackFeatures()
     f_real = feats(real)
     fd = {
         name: frechet_distance(feats(to_uint8(sample(g, prompts, seeds, **kw).images)), f_real)
-        for name, g in (("fine-tuned", gen), ("base", shipped), ("untrained", untrained))
+        for name, g in generators.items()
     }
     print(
         f"Frechet distance to 96 phantoms (fallback features, {len(prompts)} images): "
@@ -73,8 +84,9 @@ def main() -> None:
         + f"; fine-tuned / untrained {fd['fine-tuned'] / fd['untrained']:.4f}"
     )
 
-    eyes = [f"colour fundus photograph, {e} eye" for e in ("left", "right")]
-    lat_prompts = [eyes[i % 2] for i in range(args.eye_images)]
+
+def _eyes(table, args, lat_prompts: list[str], gen, shipped, kw: dict) -> None:
+    """Where the optic disc is (measure(): the SIMULATED expert's reading of the eye)."""
     val_real = table.loc[table.split == "val"].head(args.eye_images)
     rows = [("held-out phantoms", [np.asarray(Image.open(p).convert("RGB")) for p in val_real.path],
              val_real.Text.tolist())]  # fmt: skip
@@ -87,7 +99,6 @@ def main() -> None:
                 lat_prompts,
             )
         )
-    # where the optic disc is (measure(): the SIMULATED expert's reading of the eye)
     for name, imgs, prompts_ in rows:
         ms = [measure_at_analysis_size(im) for im in imgs]
         said = np.array(["left eye" in p for p in prompts_])
@@ -100,7 +111,10 @@ def main() -> None:
             f"{x[~said].mean():.2f} +- {x[~said].std():.2f} (right); the disc at a side "
             f"(x < 0.4 or > 0.6) in {int(side.sum())} of {len(x)}"
         )
-    # how far apart the text encoder puts the two eyes, against another diagnosis
+
+
+def _text_encoder_eye(gen, val_prompts: list[str]) -> None:
+    """How far apart the text encoder puts the two eyes, against another diagnosis."""
     from rewards.contrastive import swap_eye
 
     p = val_prompts[0]
@@ -115,25 +129,28 @@ def main() -> None:
         f"{(h[0] - h[1]).norm() / norm:.2f} of its norm, another diagnosis by "
         f"{(h[0] - h[2]).norm() / norm:.2f}"
     )
-    if args.rewards:  # does the alignment reward see the eye on the fine-tuned samples?
-        from rewards.contrastive import swap_eye
-        from rewards.models import AlignmentPolicy
 
-        ali = AlignmentPolicy.from_pretrained(f"{args.rewards}/alignment")
-        imgs = sample(gen, lat_prompts, list(range(len(lat_prompts))), **kw).images
-        shown = np.array([m["laterality"] for m in map(measure_at_analysis_size, to_uint8(imgs))])
-        with torch.no_grad():
-            a = ali.score(imgs, lat_prompts).numpy()
-            b = ali.score(imgs, [swap_eye(p) for p in lat_prompts]).numpy()
-        told = np.array(["left" if "left eye" in p else "right" for p in lat_prompts])
-        margin = np.where(
-            shown == told, a - b, b - a
-        )  # score of the shown eye's prompt minus the other's
-        print(
-            f"alignment ({args.rewards}) scores the prompt naming the eye the image shows higher "
-            f"on {(margin > 0).mean():.2f} of {len(margin)} fine-tuned samples (mean margin "
-            f"{margin.mean():.2f})"
-        )
+
+def _alignment_eye(rewards: str, gen, lat_prompts: list[str], kw: dict) -> None:
+    """Does the alignment reward see the eye on the fine-tuned samples?"""
+    from rewards.contrastive import swap_eye
+    from rewards.models import AlignmentPolicy
+
+    ali = AlignmentPolicy.from_pretrained(f"{rewards}/alignment")
+    imgs = sample(gen, lat_prompts, list(range(len(lat_prompts))), **kw).images
+    shown = np.array([m["laterality"] for m in map(measure_at_analysis_size, to_uint8(imgs))])
+    with torch.no_grad():
+        a = ali.score(imgs, lat_prompts).numpy()
+        b = ali.score(imgs, [swap_eye(p) for p in lat_prompts]).numpy()
+    told = np.array(["left" if "left eye" in p else "right" for p in lat_prompts])
+    margin = np.where(
+        shown == told, a - b, b - a
+    )  # score of the shown eye's prompt minus the other's
+    print(
+        f"alignment ({rewards}) scores the prompt naming the eye the image shows higher "
+        f"on {(margin > 0).mean():.2f} of {len(margin)} fine-tuned samples (mean margin "
+        f"{margin.mean():.2f})"
+    )
 
 
 if __name__ == "__main__":
