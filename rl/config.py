@@ -129,6 +129,12 @@ class RLConfig:
     keep_checkpoints: int = setting(
         2, "checkpoints kept (older ones deleted after a commit)", min=1
     )
+    max_empty_iterations: int = setting(
+        3,
+        "stop with an error after this many iterations in a row that trained on nothing "
+        "(every reward failed, or none passed stage 2); 0: never stop",
+        min=0,
+    )
     sampler_max_restarts: int = setting(
         3, "restarts of a sampler actor that dies; its unfinished samples are redrawn", min=0
     )

@@ -12,6 +12,11 @@ Rank 0 of the learner runs each iteration:
 7. a checkpoint is committed (rl/checkpoints.py), metrics go to stdout, TensorBoard,
    Ray metrics and metrics.jsonl.
 
+An iteration that trains on nothing (every reward failed, or no sample passed stage 2)
+says so in its record (``trained: false`` and the reason under ``untrained``) and commits
+no checkpoint; after ``rl.max_empty_iterations`` of them in a row the loop stops with
+:class:`EmptyIterationsError`, its latest checkpoint the last one that trained.
+
 Everything an iteration draws is a function of (seed, k) and the adapter, so a rerun
 with the same run name resumes from the latest checkpoint and ends with the same adapter
 as an uninterrupted run. The same loop runs without Ray (:func:`run_local`, the
@@ -86,7 +91,7 @@ class IterationLog:
     def write(self, record: dict[str, Any], eval_images: torch.Tensor | None) -> None:
         it = record["iteration"]
         for k, v in record.items():
-            if isinstance(v, (int, float)) and k != "iteration":
+            if is_number(v) and k != "iteration":
                 self.writer.add_scalar(f"rl/{k}", v, it)
                 self._gauge(k, float(v))
         if eval_images is not None and len(eval_images):
@@ -113,10 +118,16 @@ class IterationLog:
         ]
         shown = " ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
         where = f"stage {record['stage_n']}" if record.get("stage_n") else "final adapter"
+        if record.get("trained") is False:
+            shown += f" (trained on nothing: {record['untrained']})"
         print(f"[rl] iteration {it} {where}: {shown}", flush=True)
 
     def close(self) -> None:
         self.writer.close()
+
+
+class EmptyIterationsError(RuntimeError):
+    """``rl.max_empty_iterations`` iterations in a row trained on nothing."""
 
 
 def run_iterations(
@@ -138,6 +149,7 @@ def run_iterations(
     gold, best = judges(cfg, inputs, learner) if learner.rank == 0 else (None, None)
     initial_digest = adapter_digest(learner.adapter_state())  # collective under ZeRO-3
     trained_ids: list[str] = []
+    empty = 0  # iterations in a row that trained on nothing
     its = range(start, rl.iterations)
     bar = tqdm(its, "RL iterations", disable=learner.rank != 0, initial=start, total=rl.iterations)
     # an iteration's ``seconds`` runs from the previous one's mark to its own, so the
@@ -145,23 +157,14 @@ def run_iterations(
     mark = time.perf_counter()
     for k in bar:
         record: dict[str, Any] = {"iteration": k}
-        stage = 2 if k >= rl.stage2_start else 1
-        batch = None
-        eval_images = None
-        adapter = learner.adapter_state()  # on every rank: collective under ZeRO-3
-        if learner.rank == 0:
-            eval_images = judge_version(backend, inputs, k, adapter, rl, gold, best, record)
-            requests = iteration_requests(
-                inputs["train_prompts"], k, rl.prompts_per_iteration, rl.group_size, cfg.run.seed
-            )
-            batch = draw_batch(backend, requests, k, adapter, stage, rl.adv_clip, record)
-        batch = broadcast(batch)
+        batch, why, eval_images = share_batch(backend, inputs, k, learner, cfg, gold, best, record)
         shard, weights = batch.shard(learner.rank, learner.world)
         trained_ids += [sid for sid, w in zip(shard.ids, weights.tolist(), strict=True) if w > 0]
         stats = learner.train(batch, k, cfg.run.seed) if len(batch) else {}
         stats = _mean_over_ranks(stats)
         done = k + 1
-        if done % rl.checkpoint_every == 0 or done == rl.iterations:
+        empty = 0 if len(batch) else empty + 1
+        if len(batch) and (done % rl.checkpoint_every == 0 or done == rl.iterations):
             save_checkpoint(learner, ckpt_root, done, cfg)
         if learner.rank == 0:
             record.update({k2: v for k2, v in stats.items() if k2 != "updates"})
@@ -174,6 +177,7 @@ def run_iterations(
             import ray.train
 
             ray.train.report({k2: v for k2, v in record.items() if is_number(v)})
+        stop_if_empty(empty, rl.max_empty_iterations, why)
     adapter = learner.adapter_state()
     if learner.rank == 0:
         final = {"iteration": rl.iterations, "stage_n": 0}
@@ -197,6 +201,52 @@ def run_iterations(
     write_rank_record(run_dir, learner, end)
     dist.barrier()
     return records
+
+
+def share_batch(
+    backend: Backend,
+    inputs: dict[str, Any],
+    k: int,
+    learner: Learner,
+    cfg: RLRun,
+    gold: Any,
+    best: BestAdapter,
+    record: dict[str, Any],
+) -> tuple[Trajectories, str, torch.Tensor | None]:
+    """Every rank: rank 0 judges adapter version ``k`` and draws iteration ``k``'s batch;
+    every rank gets the batch and why it is empty ("" when it is not). Rank 0 also gets
+    the evaluation images."""
+    rl, batch, why, eval_images = cfg.rl, None, "", None
+    adapter = learner.adapter_state()  # on every rank: collective under ZeRO-3
+    if learner.rank == 0:
+        eval_images = judge_version(backend, inputs, k, adapter, rl, gold, best, record)
+        requests = iteration_requests(
+            inputs["train_prompts"], k, rl.prompts_per_iteration, rl.group_size, cfg.run.seed
+        )
+        stage = 2 if k >= rl.stage2_start else 1
+        batch = draw_batch(backend, requests, k, adapter, stage, rl.adv_clip, record)
+        why = record.get("untrained", "")
+    batch, why = broadcast((batch, why))
+    return batch, why, eval_images
+
+
+def stop_if_empty(empty: int, limit: int, why: str) -> None:
+    """Raise :class:`EmptyIterationsError` once ``limit`` iterations in a row trained on
+    nothing (``limit`` 0: never)."""
+    if limit and empty >= limit:
+        raise EmptyIterationsError(
+            f"{empty} RL iterations in a row trained on nothing (rl.max_empty_iterations="
+            f"{limit}); the last one: {why}. They committed no checkpoint: fix the cause and "
+            "rerun the same run name to resume from the last checkpoint that trained"
+        )
+
+
+def untrained_reason(samples: int, scored: int) -> str:
+    """Why an iteration of ``samples`` draws, ``scored`` of them with a reward, trains on
+    nothing."""
+    if scored == 0:
+        return f"every sample's reward failed ({samples} of {samples}; the errors are logged)"
+    return f"no sample passed the stage-2 gate ({scored} scored, none reached the threshold)"
 
 
 def judge_version(
@@ -289,6 +339,10 @@ def draw_batch(
     )
     record[f"reward_mean_stage{stage}"] = record["reward_mean"]
     record[f"reward_std_stage{stage}"] = record["reward_std"]
+    record["trained"] = bool(keep)
+    if not keep:
+        record["untrained"] = untrained_reason(len(requests), len(rows))
+        log.warning("iteration %d trains on nothing: %s", version, record["untrained"])
     return traj.for_learner(adv, keep)  # no images: no learner rank trains on them
 
 
