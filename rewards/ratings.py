@@ -19,7 +19,8 @@ import math
 import os
 import sqlite3
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -92,20 +93,63 @@ def normalise_rating(rating: Any) -> Any:
 
 # --------------------------------------------------------------------------- the store
 
+#: Seconds a writer waits for another writer's lock on the store before giving up.
+BUSY_TIMEOUT_S = 30.0
 
-def connect(db: str | os.PathLike) -> sqlite3.Connection:
-    """Open (creating if needed) a ratings store: WAL mode, schema checked.
 
-    The connection is in autocommit mode; writers open their own transaction.
+class StoreLockedError(ValueError):
+    """Another connection holds the ratings store's write lock past the busy timeout."""
+
+
+def _is_locked(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED") or (
+        "database is locked" in str(exc)
+    )
+
+
+def _locked(path: Path) -> StoreLockedError:
+    return StoreLockedError(
+        f"{path}: the ratings store is locked by another writer (waited {BUSY_TIMEOUT_S:g} s); "
+        "try again, or close the other process that is writing to it"
+    )
+
+
+def _store_error(path: Path, exc: sqlite3.DatabaseError) -> ValueError:
+    """What opening the store at ``path`` failing with ``exc`` means."""
+    if _is_locked(exc):
+        return _locked(path)
+    return ValueError(f"{path}: not a medrl ratings store (SQLite said: {exc})")
+
+
+@contextmanager
+def locked_as_error(path: str | os.PathLike) -> Iterator[None]:
+    """Turn SQLite's "database is locked" inside the block into :class:`StoreLockedError`."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if _is_locked(exc):
+            raise _locked(Path(path)) from exc
+        raise
+
+
+def connect(db: str | os.PathLike, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open a ratings store, schema checked: for writing (created if needed, WAL mode,
+    an older schema migrated) or ``readonly`` (takes no write lock, so a writer busy with
+    the store does not block it).
+
+    The connection is in autocommit mode; writers open their own transaction, and wait
+    up to :data:`BUSY_TIMEOUT_S` for another writer's lock.
 
     Raises:
+        StoreLockedError: another writer held the lock past the busy timeout.
         ValueError: the file is not SQLite, or its schema is newer than this medrl.
     """
     path = Path(db)
+    if readonly:
+        return _connect_readonly(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
     try:
-        conn.execute("PRAGMA busy_timeout = 30000")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("BEGIN IMMEDIATE")
         for statement in _SCHEMA.split(";"):
@@ -128,12 +172,37 @@ def connect(db: str | os.PathLike) -> sqlite3.Connection:
         conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
         conn.close()
-        raise ValueError(f"{path}: not a medrl ratings store (SQLite said: {exc})") from exc
+        raise _store_error(path, exc) from exc
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         conn.close()
         raise
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection to an existing store of this schema (an older or empty one
+    is first brought to it by a writing :func:`connect`)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such ratings store")
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        version = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            conn.close()
+            raise _store_error(path, exc) from exc
+        version = None  # an empty SQLite file: a writer makes it a store
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise _store_error(path, exc) from exc
+    if version != SCHEMA_VERSION:  # a writer migrates an older store, refuses a newer one
+        conn.close()
+        connect(path).close()
+        return _connect_readonly(path)
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -306,7 +375,8 @@ def ingest_ratings(
     rows, problems, unrated = _rows_as_stored(csv_path, root, round_dir, images_from)
     conn = connect(db)
     try:
-        conn.execute("BEGIN IMMEDIATE")  # lock first, so checks and inserts see one state
+        with locked_as_error(db):  # lock first, so checks and inserts see one state
+            conn.execute("BEGIN IMMEDIATE")
         try:
             fresh = _new_rows(conn, rows, problems)
             if problems:
@@ -369,7 +439,7 @@ def read_ratings(source: str | os.PathLike) -> pd.DataFrame:
             raise ValueError(f"{path}: not an exported ratings table (lacks {', '.join(missing)})")
         frame = frame[list(COLUMNS)]
     else:
-        conn = connect(path)
+        conn = connect(path, readonly=True)
         try:
             frame = pd.read_sql_query(f"SELECT {', '.join(COLUMNS)} FROM ratings ORDER BY id", conn)
         finally:

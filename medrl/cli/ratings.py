@@ -50,7 +50,7 @@ def cmd_ratings_agreement(args: argparse.Namespace) -> int:
         if frame.empty:
             raise ValueError(f"{db}: no ratings of round {args.round!r}")
     report = agreement_report(frame)
-    conn = connect(db)
+    conn = connect(db, readonly=True)
     try:
         report["self_agreement"] = self_agreement(conn, args.round)
     finally:

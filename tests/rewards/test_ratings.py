@@ -77,6 +77,43 @@ def test_not_sqlite_is_a_clear_error(tmp_path):
         connect(bogus)
 
 
+def test_a_locked_store_says_so_and_readers_are_not_blocked(
+    tmp_path, good_csv, monkeypatch, capsys
+):
+    """Another writer holding the lock: writers give up after the busy timeout with a
+    message saying so (it used to read "not a medrl ratings store (database is locked)");
+    readers take no write lock and read what is committed (issue 13)."""
+    import time
+
+    import rewards.ratings as ratings
+    from medrl.cli import main
+
+    db = tmp_path / "ratings.db"
+    ingest_ratings(good_csv, db)
+    monkeypatch.setattr(ratings, "BUSY_TIMEOUT_S", 0.2)
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.perf_counter()
+        with pytest.raises(ratings.StoreLockedError) as err:
+            ingest_ratings(good_csv, db)
+        assert time.perf_counter() - started < 5
+        assert str(err.value) == (
+            f"{db}: the ratings store is locked by another writer (waited 0.2 s); "
+            "try again, or close the other process that is writing to it"
+        )
+        with pytest.raises(ratings.StoreLockedError):
+            connect(db)
+        assert len(read_ratings(db)) == 3
+        assert export_ratings(db, tmp_path / "out.csv").is_file()
+        assert main(["ratings", "ingest", str(good_csv), "--db", str(db)]) == 2
+        assert "locked by another writer" in capsys.readouterr().err
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert ingest_ratings(good_csv, db).already_stored == 3
+
+
 def test_bad_rows_are_all_listed_and_nothing_is_stored(tmp_path, good_csv):
     db = tmp_path / "ratings.db"
     ingest_ratings(good_csv, db)
