@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ class DataValidationError(ValueError):
 def read_csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
     """Read a CSV as (stripped header, iterator of (start line, cells)); blank rows skipped.
 
-    Shared by ingestion and the label converters. Raises ValueError for unreadable files.
+    Shared by ingestion and the label converters. Raises ValueError for unreadable files
+    (:class:`DataValidationError` naming the line of a record that `csv` cannot read).
     """
     if path.suffix.lower() in (".xlsx", ".xls", ".xlsm"):
         raise ValueError(
@@ -78,24 +79,48 @@ def read_csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text ({exc}); save the file as CSV UTF-8") from exc
-    reader = csv.reader(io.StringIO(text, newline=""))
+    records = _records(csv.reader(io.StringIO(text, newline="")), path)
     header: list[str] | None = None
-    for cells in reader:
+    for _, cells in records:
         if any(c.strip() for c in cells):
             header = [c.strip() for c in cells]
             break
     if header is None:
         raise ValueError(f"{path}: empty file (no header row)")
-    header_line = reader.line_num
 
     def rows() -> Iterator[tuple[int, list[str]]]:
-        previous = header_line
-        for cells in reader:
-            start, previous = previous + 1, reader.line_num
+        for start, cells in records:
             if any(c.strip() for c in cells):
                 yield start, cells
 
     return header, rows()
+
+
+def _records(reader: Any, path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(start line, cells) of every record of ``reader``; one that ``csv`` cannot read
+    raises :class:`DataValidationError` naming its line (nothing after it can be trusted)."""
+    previous = 0
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            column = "header" if previous == 0 else "row"
+            raise DataValidationError(path, [RowProblem(previous + 1, column, _why(exc))]) from None
+        yield previous + 1, cells
+        previous = reader.line_num
+
+
+def _why(exc: csv.Error) -> str:
+    """What a ``csv.Error`` means for the person who wrote the file."""
+    if "field larger than field limit" in str(exc):
+        return (
+            f"a field is longer than {csv.field_size_limit():,} characters; a quote opened "
+            "and never closed makes the rest of the file one field: check the quotes from "
+            "this line on"
+        )
+    return f"not readable as CSV ({exc})"
 
 
 def map_columns(

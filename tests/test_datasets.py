@@ -307,6 +307,27 @@ def test_cli_ingest_reports_bad_rows_on_stderr(tmp_path, capsys):
     assert "1 rows valid" in capsys.readouterr().out
 
 
+def test_an_overlong_field_names_the_file_and_line(tmp_path, capsys):
+    """A 200,000-character field (or a quote never closed, which makes the rest of the
+    file one field) is a bad row naming its line, not a raw _csv.Error (issue 13)."""
+    make_image(tmp_path / "a.png")
+    csv = write_csv(
+        tmp_path / "data.csv",
+        f"path,Text,modality\na.png,ok,fundus\na.png,{'x' * 200_000},fundus\n",
+    )
+    assert main(["data", "ingest", str(csv)]) == 1
+    err = capsys.readouterr().err
+    assert f"{csv}: 1 bad row, nothing written:" in err
+    assert "line 3 (row): a field is longer than 131,072 characters; a quote opened" in err
+    assert not (tmp_path / "manifest.parquet").exists()
+
+    runaway = 'path,Text,modality\na.png,ok,fundus\n\na.png,"never closed,fundus\n'
+    write_csv(csv, runaway + "b.png,caption,fundus\n" * 10_000)
+    with pytest.raises(DataValidationError) as info:
+        ingest_csv(csv)
+    assert [(p.row, p.column) for p in info.value.problems] == [(4, "row")]
+
+
 # --------------------------------------------------------------------------- read_manifest
 
 

@@ -114,6 +114,25 @@ def test_a_locked_store_says_so_and_readers_are_not_blocked(
     assert ingest_ratings(good_csv, db).already_stored == 3
 
 
+def test_an_overlong_field_names_the_file_and_line(tmp_path):
+    """A 200,000-character field is a bad row naming the file and line, not a raw
+    _csv.Error (issue 13)."""
+    csv_path = write(
+        tmp_path / "ratings.csv",
+        HEADER
+        + "a.png,3,fundus,ophthalmologist,left eye,dr-1,2025-03-01T10:00:00Z,ckpt-1,7\n"
+        + f"b.png,3,fundus,ophthalmologist,{'y' * 200_000},dr-1,2025-03-01T10:00:00Z,,\n",
+    )
+    with pytest.raises(DataValidationError) as err:
+        ingest_ratings(csv_path, tmp_path / "ratings.db")
+    assert str(err.value).startswith(
+        f"{csv_path}: 1 bad row, nothing written:\n  line 3 (row): a field is longer than "
+        "131,072 characters"
+    )
+    with pytest.raises(DataValidationError, match="line 3"):
+        read_ratings(csv_path)
+
+
 def test_bad_rows_are_all_listed_and_nothing_is_stored(tmp_path, good_csv):
     db = tmp_path / "ratings.db"
     ingest_ratings(good_csv, db)
