@@ -12,7 +12,9 @@ submitting process, and then fails with a 401 that does not say why.
 
 The dashboard (and so the Jobs API) is bound to 127.0.0.1 on the head; reach it through
 ``ray dashboard cluster/ray-cluster.yaml`` (an SSH tunnel) or
-``kubectl port-forward svc/<cluster>-head-svc 8265:8265``. See docs/cluster.md.
+``kubectl port-forward svc/<cluster>-head-svc 8265:8265``. The token is not sent over
+plain http to a host other than this machine unless ``allow_insecure_token`` says so.
+See docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ def _normalise_address(address: str) -> str:
         address = f"http://{address}"
     if not address.startswith(("http://", "https://")):
         raise SubmitError(f"address {address!r}: only http:// and https:// are supported")
+    try:
+        _ = urlsplit(address).port  # a port out of range raises here, not inside requests
+    except ValueError as exc:
+        raise SubmitError(f"address {address!r}: {exc}") from None
     return address
 
 
@@ -177,33 +183,54 @@ def entrypoint_for(entrypoint_args: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- client
 
 
-def make_client(address: str | None = None):
+def make_client(address: str | None = None, allow_insecure_token: bool = False):
     """A ``JobSubmissionClient`` for ``address`` carrying the auth header.
 
-    Contacts the cluster once (Ray checks its version); errors say what to do.
+    Contacts the cluster once (Ray checks its version); errors say what to do. The token
+    goes over plain http only to this machine (a tunnel's end), or elsewhere with
+    ``allow_insecure_token``; otherwise this refuses before any connection is made.
     """
+    import requests
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     address = _normalise_address(address or default_address())
     headers = auth_headers()
     if headers and address.startswith("http://") and not _is_loopback(address):
-        log.warning(
-            "sending the Ray auth token in clear text to %s: reach the dashboard through "
-            "an SSH tunnel or kubectl port-forward and submit to http://127.0.0.1:8265",
-            address,
-        )
+        if not allow_insecure_token:
+            raise SubmitError(
+                f"refusing to send the Ray auth token in clear text to {address}: reach the "
+                "dashboard through an SSH tunnel or kubectl port-forward and submit to "
+                f"{DEFAULT_ADDRESS}, or use https://; --allow-insecure-token sends it anyway"
+            )
+        log.warning("sending the Ray auth token in clear text to %s", address)
     try:
         return JobSubmissionClient(address, headers=headers)
     except AuthenticationError as exc:
         raise SubmitError(_refused(address, str(exc))) from None
-    except ConnectionError:
+    except (ConnectionError, requests.ConnectionError, requests.Timeout) as exc:
+        raise _unreachable(address, exc) from None
+    except (RuntimeError, ValueError, requests.RequestException) as exc:
         raise SubmitError(
-            f"no Ray dashboard answers at {address}. Start the cluster and open the "
-            "tunnel first: `ray dashboard cluster/ray-cluster.yaml` (launcher) or "
-            "`kubectl port-forward svc/medrl-head-svc 8265:8265` (KubeRay), or pass "
-            "--address / set RAY_ADDRESS (see docs/cluster.md)"
+            f"the server at {address} did not answer as a Ray Jobs API ({_reason(exc)}); "
+            f"--address is the dashboard's address, e.g. {DEFAULT_ADDRESS} through a tunnel"
         ) from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of ``exc``, e.g. ``[Errno 111] Connection refused``."""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    return str(exc).strip() or type(exc).__name__
+
+
+def _unreachable(address: str, exc: BaseException) -> SubmitError:
+    return SubmitError(
+        f"cannot reach the Ray Jobs API at {address} ({_reason(exc)}). Start the cluster and "
+        "open the tunnel first: `ray dashboard cluster/ray-cluster.yaml` (launcher) or "
+        "`kubectl port-forward svc/medrl-head-svc 8265:8265` (KubeRay), or pass "
+        "--address / set RAY_ADDRESS (see docs/cluster.md)"
+    )
 
 
 def _refused(address: str, detail: str) -> str:
@@ -225,6 +252,7 @@ def submit(
     timeout_s: float = 0.0,
     job_id: str | None = None,
     out: TextIO | None = None,
+    allow_insecure_token: bool = False,
 ) -> str:
     """Submit ``medrl <entrypoint_args...>`` as a Ray job and return its job id.
 
@@ -233,14 +261,16 @@ def submit(
     (``load_runtime_env("cluster/runtime_env.yaml")``). With ``wait`` the job's logs
     stream to ``out`` (stdout) until it ends; a job that does not succeed raises
     :class:`JobFailed`, and waiting longer than ``timeout_s`` (> 0) raises
-    :class:`JobTimeout` (the job keeps running). Missing token, refused token and an
-    unreachable cluster raise :class:`SubmitError` with the way out in the message.
+    :class:`JobTimeout` (the job keeps running). Missing token, refused token, a token
+    that would go over plain http to another host (unless ``allow_insecure_token``) and
+    an unreachable cluster raise :class:`SubmitError` with the way out in the message.
     """
+    import requests
     from ray.exceptions import AuthenticationError
 
     out = out or sys.stdout
     entrypoint = entrypoint_for(entrypoint_args)
-    client = make_client(address)
+    client = make_client(address, allow_insecure_token)
     address = client.get_address()
     try:
         submitted = client.submit_job(
@@ -251,6 +281,8 @@ def submit(
         )
     except AuthenticationError as exc:
         raise SubmitError(_refused(address, str(exc))) from None
+    except (ConnectionError, requests.ConnectionError, requests.Timeout) as exc:
+        raise _unreachable(address, exc) from None
     except RuntimeError as exc:
         raise SubmitError(f"the cluster at {address} did not take the job: {exc}") from None
     print(f"submitted job {submitted}: {entrypoint}", file=out, flush=True)
@@ -263,25 +295,37 @@ def submit(
             flush=True,
         )
         return submitted
+    _wait(client, submitted, out, timeout_s, address)
+    return submitted
+
+
+def _wait(client, job_id: str, out: TextIO, timeout_s: float, address: str) -> None:
+    """Follow job ``job_id`` until it ends; raise unless it SUCCEEDED."""
+    import requests
 
     deadline = time.monotonic() + timeout_s if timeout_s and timeout_s > 0 else None
     try:
-        _follow(client, submitted, out, deadline, timeout_s, address)
+        _follow(client, job_id, out, deadline, timeout_s, address)
+        info = client.get_job_info(job_id)
     except KeyboardInterrupt:
         print(
-            f"\nstopped following; job {submitted} keeps running. "
-            f"Stop it with `RAY_AUTH_MODE=token ray job stop --address {address} {submitted}`.",
+            f"\nstopped following; job {job_id} keeps running. "
+            f"Stop it with `RAY_AUTH_MODE=token ray job stop --address {address} {job_id}`.",
             file=out,
             flush=True,
         )
         raise
-    info = client.get_job_info(submitted)
+    except (ConnectionError, requests.ConnectionError, requests.Timeout) as exc:
+        raise SubmitError(
+            f"lost the Ray Jobs API at {address} while following job {job_id} "
+            f"({_reason(exc)}); the job keeps running on the cluster. Follow it with "
+            f"`RAY_AUTH_MODE=token ray job logs --follow --address {address} {job_id}`."
+        ) from None
     status = str(getattr(info.status, "value", info.status))
     if status != "SUCCEEDED":
         first_line = (info.message or "").strip().splitlines()[:1]  # the logs were streamed
-        raise JobFailed(submitted, status, first_line[0] if first_line else "")
-    print(f"job {submitted} SUCCEEDED", file=out, flush=True)
-    return submitted
+        raise JobFailed(job_id, status, first_line[0] if first_line else "")
+    print(f"job {job_id} SUCCEEDED", file=out, flush=True)
 
 
 def _follow(client, job_id: str, out: TextIO, deadline, timeout_s, address) -> None:

@@ -243,14 +243,115 @@ def test_submit_without_token_says_how_to_get_one(no_token, capsys):
 def test_submit_to_unreachable_cluster_says_open_the_tunnel(no_token, monkeypatch, capsys):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "some-token")
     address = f"http://127.0.0.1:{_free_port()}"
-    with pytest.raises(SubmitError, match="no Ray dashboard answers"):
+    started = time.monotonic()
+    with pytest.raises(SubmitError) as err:
         submit(["config", "show"], address=address)
+    assert str(err.value).startswith(f"cannot reach the Ray Jobs API at {address} (")
+    assert "Connection refused" in str(err.value)
 
     from medrl.cli import main
 
     assert main(["submit", "--address", address, "--", "config", "show"]) == 2
     err = capsys.readouterr().err
-    assert "no Ray dashboard answers" in err and "port-forward" in err
+    assert f"medrl submit: cannot reach the Ray Jobs API at {address}" in err
+    assert "port-forward" in err and "Traceback" not in err
+    assert main(["submit", "--address", "http://127.0.0.1:99999", "--", "config", "show"]) == 2
+    assert "Port out of range" in capsys.readouterr().err
+    assert time.monotonic() - started < 20
+
+
+def test_submit_to_a_server_that_is_not_ray_says_so(no_token, monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "some-token")
+    server = HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(SubmitError, match="did not answer as a Ray Jobs API"):
+            submit(["config", "show"], address=address)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test; JobSubmissionClient is a fake that
+    records the headers it was given."""
+    import ray.job_submission
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    clients: list[dict] = []
+
+    def fake_client(address, headers=None):
+        clients.append({"address": address, "headers": headers})
+        return _FakeClient("SUCCEEDED")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", fake_client)
+    return clients
+
+
+def test_the_token_goes_in_clear_text_only_to_this_machine(no_token, monkeypatch, no_network):
+    from medrl.cli import main
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "secret-token")
+    remote = "http://10.1.2.3:8265"
+    with pytest.raises(SubmitError) as err:
+        make_client(remote)
+    assert str(err.value) == (
+        f"refusing to send the Ray auth token in clear text to {remote}: reach the dashboard "
+        "through an SSH tunnel or kubectl port-forward and submit to http://127.0.0.1:8265, "
+        "or use https://; --allow-insecure-token sends it anyway"
+    )
+    assert main(["submit", "--address", remote, "--", "config", "show"]) == 2
+    assert no_network == []  # refused before any client or connection
+
+    for address in ("http://127.0.0.1:8265", "http://localhost:8265", "https://10.1.2.3:8265"):
+        make_client(address)
+    assert (
+        main(["submit", "--allow-insecure-token", "--address", remote, "--", "config", "show"]) == 0
+    )
+    assert [c["address"] for c in no_network][-1] == remote
+    assert no_network[-1]["headers"] == {"Authorization": "Bearer secret-token"}
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # no token: nothing to protect
+    make_client(remote)
+    assert no_network[-1]["headers"] == {}
+
+
+def test_a_connection_lost_while_following_says_the_job_keeps_running(monkeypatch, capsys):
+    import requests
+
+    import cluster.submit as cs
+    from medrl.cli import main
+
+    class Dropped(_FakeClient):
+        async def tail_job_logs(self, job_id):
+            raise requests.ConnectionError("the tunnel closed")
+            yield ""
+
+        def get_job_status(self, job_id):
+            raise requests.ConnectionError("the tunnel closed")
+
+    monkeypatch.setattr(cs, "make_client", lambda address=None, insecure=False: Dropped("RUNNING"))
+    assert main(["submit", "--job-id", "j1", "--", "config", "show"]) == 2
+    err = capsys.readouterr().err
+    assert "lost the Ray Jobs API at http://127.0.0.1:8265 while following job j1" in err
+    assert "(the tunnel closed); the job keeps running on the cluster" in err
 
 
 def test_submit_rejects_a_bad_medrl_command_locally(no_token, capsys):
@@ -297,7 +398,7 @@ def test_submit_waits_streams_and_maps_the_outcome(monkeypatch, capsys, status, 
     from medrl.cli import main
 
     fake = _FakeClient(status)
-    monkeypatch.setattr(cs, "make_client", lambda address=None: fake)
+    monkeypatch.setattr(cs, "make_client", lambda address=None, insecure=False: fake)
     args = ["submit", "--job-id", "j1", "--", "medrl", "config", "show", "run.name=a b"]
     assert main(args) == rc
     (kw,) = fake.submitted

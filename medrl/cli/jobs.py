@@ -40,6 +40,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             wait=not args.no_wait,
             timeout_s=args.timeout,
             job_id=args.job_id,
+            allow_insecure_token=args.allow_insecure_token,
         )
     except JobFailed as exc:
         print(f"medrl submit: {exc}", file=sys.stderr)
@@ -77,6 +78,12 @@ def add_parsers(sub: argparse._SubParsersAction, root: argparse.ArgumentParser) 
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
     p.add_argument("--timeout", type=float, default=0.0, help="seconds to wait; 0: until it ends")
     p.add_argument("--job-id", default=None, help="submission id (default: Ray picks one)")
+    p.add_argument(
+        "--allow-insecure-token",
+        action="store_true",
+        help="send the token over plain http to a host other than this machine (refused "
+        "otherwise: use a tunnel to 127.0.0.1 or https)",
+    )
     p.add_argument("job_args", nargs=argparse.REMAINDER, help="-- then the medrl command")
     p.set_defaults(func=cmd_submit, root_parser=root)
 
