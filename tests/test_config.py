@@ -51,6 +51,16 @@ def test_bad_values_name_the_key(override, words):
         assert w in str(err.value), (w, str(err.value))
 
 
+def test_no_float_setting_takes_nan_or_infinity():
+    """Every float setting, bounded or not, refuses NaN and +-inf, naming its key."""
+    keys = [key for key, tp, _, _ in describe() if tp == "float"]
+    assert "rl.lr" in keys and "rewards.threshold" in keys
+    for key in keys:
+        for value in (".nan", ".inf", "-.inf"):
+            with pytest.raises(ConfigError, match=f"^{key}: .* is not a finite number"):
+                load_config(None, [f"{key}={value}"])
+
+
 @pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")))
 def test_presets_load_and_round_trip(preset, tmp_path):
     cfg = load_config(preset)
