@@ -243,6 +243,19 @@ class RewardsConfig:
     service_batch_size: int = setting(
         64, "images the reward service scores per forward pass (mini-batch)", min=1
     )
+    score_timeout_s: float = setting(
+        600.0,
+        "seconds a reward service replica with scoring calls waiting may go without "
+        "answering one; then it is hung: killed, replaced by a fresh replica of the same "
+        "reward, and its calls scored again (a batch that fails 3 times ends the run)",
+        min=0.1,
+    )
+    service_start_timeout_s: float = setting(
+        600.0,
+        "seconds a reward service replica may take to start (placed on the cluster, "
+        "reward loaded); longer is an error",
+        min=0.1,
+    )
 
     def __post_init__(self) -> None:
         if self.quality_weight + self.alignment_weight <= 0:

@@ -246,7 +246,8 @@ _NOT_PRETRAIN = frozenset(
         "num_samples", "entropy_coef", "value_coef", "grad_clip", "threshold",
         "quality_weight", "alignment_weight", "holdout_fraction", "ood_weight",
         "ood_quantile", "tower_lr_scale", "pretrain_cache", "init_from", "service_replicas",
-        "service_num_gpus", "service_batch_size",
+        "service_num_gpus", "service_batch_size", "score_timeout_s",
+        "service_start_timeout_s",
     }
 )  # fmt: skip
 

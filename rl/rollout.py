@@ -38,13 +38,17 @@ class RayBackend:
     Scoring overlaps drawing: each chunk a sampler returns goes to a reward service
     replica at once (round robin) while the samplers draw the rest, and :meth:`score`
     collects those calls. Scores are per sample, so they equal one call over the batch.
+    A reward replica that hangs or dies is replaced and its chunks scored again
+    (:class:`rewards.service.ScoringCalls`, ``rewards.score_timeout_s``).
     """
 
     def __init__(self, samplers: Sequence[Any], rewards: Sequence[Any], chunk: int):
-        self.samplers, self.rewards, self.chunk = list(samplers), list(rewards), chunk
+        from rewards.service import ScoringCalls
+
+        self.samplers, self.chunk = list(samplers), chunk
         self._version, self._ref = None, None
-        self._scoring: dict[str, Any] = {}  # sample id -> the reward call scoring it
-        self._calls = 0
+        self._scoring = ScoringCalls(rewards)  # the reward calls of the last draw
+        self.rewards = self._scoring.replicas
 
     def draw(self, requests, version, adapter):
         import ray
@@ -53,30 +57,24 @@ class RayBackend:
 
         if version != self._version:  # one ray.put per adapter version
             self._ref, self._version = ray.put(adapter), version
-        self._scoring = {}
+        self._scoring.clear()
         traj, _ = draw_samples(
             self.samplers, requests, version, self._ref, self.chunk, on_chunk=self._score_chunk
         )
         return traj
 
     def _score_chunk(self, part: Trajectories) -> None:
-        handle = self.rewards[self._calls % len(self.rewards)]
-        self._calls += 1
-        ref = handle.score.remote(part.images, part.prompts, part.ids)
-        self._scoring.update(dict.fromkeys(part.ids, ref))
+        self._scoring.submit(part.images, part.prompts, part.ids)
 
     def score(self, traj):
-        import ray
-
-        from rewards.scores import ScoreResult
         from rewards.service import score_with_services
 
-        scoring, self._scoring = self._scoring, {}
-        if set(scoring) != set(traj.ids):  # not the samples draw() just returned
+        if set(self._scoring.ids) != set(traj.ids):  # not the samples draw() just returned
+            self._scoring.clear()
             return score_with_services(
                 self.rewards, traj.images, traj.prompts, traj.ids, batch_size=self.chunk
             )
-        return ScoreResult.merge(ray.get(list(dict.fromkeys(scoring.values()))))
+        return self._scoring.collect()
 
 
 class LocalBackend:

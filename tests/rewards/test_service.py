@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import random
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -294,6 +298,124 @@ def test_actors_score_by_id_with_shuffled_ids(ray_local, models_dir):
         assert set(dup.errors) == {"a"} and set(dup.scores) == {"b", "c"}
         infos = ray_local.get([h.info.remote() for h in handles])
         assert all(i["calls"] >= 1 for i in infos)  # both replicas got work
+    finally:
+        for h in handles:
+            ray_local.kill(h)
+
+
+# --------------------------------------------------------------------------- Ray faults
+
+
+def _faulty_reward(marker: str, fault: str, always: bool = False) -> Reward:
+    """Brightness, but its first call of all (every call if ``always``) hangs (``fault``
+    "hang") or ends its process ("exit") first; that call creates ``marker``. Made here,
+    the class travels to Ray by value."""
+
+    class Faulty(BrightnessReward):
+        def score(self, images, prompts, ids):
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+                first = True
+            except FileExistsError:
+                first = False
+            if first or always:
+                if fault == "exit":
+                    os._exit(1)
+                time.sleep(3600)
+            return super().score(images, prompts, ids)
+
+    return Faulty()
+
+
+def _check_scored_once(ray, handles, result, x, prompts, ids):
+    """Every id scored, as the reward scores it alone; the live replicas scored each once."""
+    assert not result.errors and set(result.scores) == set(ids)
+    alone = BrightnessReward().score(x, prompts, ids)
+    for sid in ids:
+        assert result.scores[sid].reward == pytest.approx(alone.scores[sid].reward, abs=1e-6)
+    infos = ray.get([h.info.remote() for h in handles], timeout=60)
+    assert sum(i["scored"] for i in infos) == len(ids)
+    return [i["pid"] for i in infos]
+
+
+def _warnings(caplog, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and text in r.getMessage()
+    ]
+
+
+def test_a_hung_reward_replica_is_replaced_and_its_batches_scored_once(ray_local, tmp_path, caplog):
+    reward = _faulty_reward(str(tmp_path / "first-call"), "hang")
+    handles = start_reward_services(reward, {"score_timeout_s": 3}, replicas=2, num_cpus=0.5)
+    try:
+        before = [i["pid"] for i in ray_local.get([h.info.remote() for h in handles])]
+        x, ids = images(8, seed=3), [f"h{i}" for i in range(8)]
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="rewards.service"):
+            result = score_with_services(handles, x, prompts, ids, batch_size=2)
+        assert time.monotonic() - started < 60
+        after = _check_scored_once(ray_local, handles, result, x, prompts, ids)
+        assert len(set(before) & set(after)) == 1  # the hung replica is a new process
+        (warning,) = _warnings(caplog, "did not answer within 3 s (rewards.score_timeout_s)")
+        assert "replacing it and scoring its 4 sample(s) again" in warning
+    finally:
+        for h in handles:
+            ray_local.kill(h)
+
+
+@pytest.mark.parametrize("how", ["ray.kill", "exit"])
+def test_a_reward_replica_killed_mid_call_is_replaced_and_its_batch_scored_once(
+    ray_local, tmp_path, caplog, how
+):
+    """ray.kill (no restart): the call fails and ScoringCalls replaces the replica; the
+    process exiting: Ray restarts the actor and retries the call itself."""
+    marker = tmp_path / "first-call"
+    reward = _faulty_reward(str(marker), "hang" if how == "ray.kill" else "exit")
+    handles = start_reward_services(reward, {}, replicas=1, num_cpus=0.5)
+
+    def kill_once_busy():
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ray_local.kill(handles[0])
+
+    killer = threading.Thread(target=kill_once_busy, daemon=True)
+    try:
+        if how == "ray.kill":
+            killer.start()
+        x, ids = images(4, seed=4), ["k0", "k1", "k2", "k3"]
+        with caplog.at_level(logging.WARNING, logger="rewards.service"):
+            result = score_with_services(handles, x, PROMPTS[:4], ids, batch_size=2)
+        _check_scored_once(ray_local, handles, result, x, PROMPTS[:4], ids)
+        died = _warnings(caplog, "died (")
+        if how == "ray.kill":  # the call it was running counts the failure
+            assert len(died) == 1 and "(samples k0..k1: failure 1 of 3)" in died[0]
+        else:
+            assert not died
+    finally:
+        for h in handles:
+            ray_local.kill(h)
+
+
+def test_a_reward_that_always_hangs_ends_with_an_error_naming_its_samples(
+    ray_local, tmp_path, caplog
+):
+    reward = _faulty_reward(str(tmp_path / "first-call"), "hang", always=True)
+    handles = start_reward_services(reward, {"score_timeout_s": 2}, replicas=1, num_cpus=0.5)
+    try:
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="rewards.service"):
+            with pytest.raises(RuntimeError) as err:
+                score_with_services(handles, images(2), PROMPTS[:2], ["c0", "c1"])
+        assert time.monotonic() - started < 60
+        assert str(err.value).startswith(
+            "reward scoring: samples c0..c1 failed 3 times; last: reward replica 0 (actor "
+        )
+        assert str(err.value).endswith("did not answer within 2 s (rewards.score_timeout_s)")
+        assert len(_warnings(caplog, "(samples c0..c1: failure")) == 2
     finally:
         for h in handles:
             ray_local.kill(h)
