@@ -107,10 +107,10 @@ def _trial(
     trial_id = tune.get_context().get_trial_id()
     values = config["params"]
     overrides = [*base_overrides, *(_override(k, v) for k, v in values.items())]
-    # make_config validates the values like a command line; prepare writes the run dir
+    # make_config validates the values like a command line; prepare holds the run dir
     cfg = make_config([*overrides, f"run.name={run_name}-{trial_id}"])
-    prepare(cfg)
-    run_rl(cfg, callbacks=[TuneReportCallback()])
+    with prepare(cfg):
+        run_rl(cfg, callbacks=[TuneReportCallback()])
 
 
 def _scheduler(tc: TuneConfig, iterations: int) -> Any:
@@ -226,8 +226,8 @@ def run_tune(
         cfg: the resolved base config (``cfg.tune``, ``cfg.rl``, ``cfg.run``).
         make_config: ``overrides -> config`` (the CLI's loader, which validates every
             value); picklable: it runs in the trial's process.
-        prepare: ``config -> run dir``: creates a trial's run directory and writes its
-            resolved config there.
+        prepare: ``config -> context manager``: holds a trial's run directory while the
+            trial runs (created, locked, its resolved config written: medrl's ``open_run``).
         base_overrides: the command line's overrides, applied before the trial's values.
         fixed_inputs: ``{"rl.generator": dir, "rl.reward": spec}`` resolved from the base
             run, so every trial starts from the same generator and reward.
@@ -235,12 +235,10 @@ def run_tune(
     Returns:
         ``{"results": path, "best": path, "best_values": {...}, "best_metric": float}``.
     """
-    import pandas as pd
     import ray
 
     from cluster.driver import ray_init
-    from runfiles import atomic_write_text
-    from runfiles.config import to_dict
+    from runfiles import hold_run_dir
 
     tc: TuneConfig = cfg.tune
     space = parse_space(tc.space)
@@ -249,20 +247,39 @@ def run_tune(
     base = [*base_overrides, *(_override(k, v) for k, v in fixed_inputs.items())]
     # trials keep the driver's working directory (paths in the config stay valid)
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    started = ray_init(cfg)
-    try:
-        tuner = _tuner(cfg, space, make_config, prepare, base, out)
-        log.info("tune: %d trials over %s", tc.num_samples, ", ".join(space))
-        grid = tuner.fit()
-    finally:
-        if started:
-            ray.shutdown()
-    rows = [_result_row(result, tc) for result in grid]
+    with hold_run_dir(out):  # one sweep at a time writes this results folder
+        started = ray_init(cfg)
+        try:
+            tuner = _tuner(cfg, space, make_config, prepare, base, out)
+            log.info("tune: %d trials over %s", tc.num_samples, ", ".join(space))
+            grid = tuner.fit()
+        finally:
+            if started:
+                ray.shutdown()
+        rows = [_result_row(result, tc) for result in grid]
+        return _write_results(out, rows, cfg, list(space), make_config, base)
+
+
+def _write_results(
+    out: Path,
+    rows: list[dict[str, Any]],
+    cfg: RLRun,
+    keys: list[str],
+    make_config: Callable[[list[str]], Any],
+    base: list[str],
+) -> dict[str, Any]:
+    """results.csv (``rows``) and best.yaml (the base config with the best row's values of
+    ``keys``), atomically; what :func:`run_tune` returns."""
+    import pandas as pd
+
+    from runfiles import atomic_write_text
+    from runfiles.config import to_dict
+
+    tc: TuneConfig = cfg.tune
     results_csv = out / "results.csv"
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results_csv, pd.DataFrame(rows).to_csv(index=False))
     best_row = _best_row(rows, tc, results_csv)
-    best_values = {k: best_row[k] for k in space}
+    best_values = {k: best_row[k] for k in keys}
     best_cfg = make_config([*base, *(_override(k, v) for k, v in best_values.items())])
     best_yaml = out / "best.yaml"
     header = (

@@ -36,12 +36,18 @@ from typing import Any
 import pandas as pd
 
 from medrl.config import RunConfig
-from medrl.runs import finetune_run, prepare_run_dir, print_proxy_and_gold
+from medrl.runs import finetune_run, open_run, print_proxy_and_gold
 
 log = logging.getLogger(__name__)
 
 
 def run_demo(cfg: RunConfig) -> dict[str, Path]:
+    """The steps above, in the run directory this process holds (:func:`open_run`)."""
+    with open_run(cfg) as run_dir:
+        return _run_demo(cfg, run_dir)
+
+
+def _run_demo(cfg: RunConfig, run_dir: Path) -> dict[str, Path]:
     from generators.datasets import ingest_csv, read_manifest
     from generators.generate import generate_images
     from generators.model import load_generator, resolve_device
@@ -68,7 +74,6 @@ def run_demo(cfg: RunConfig) -> dict[str, Path]:
     else:
         log.info("step 2/8: manifest already at %s", manifest)
 
-    run_dir = prepare_run_dir(cfg)
     log.info("step 3/8: fine-tuning the generator in %s", run_dir)
     result = finetune_run(cfg, run_dir)
 

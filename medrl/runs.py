@@ -1,15 +1,19 @@
 """Run directories: ``runs/<name>/`` holds config.yaml, checkpoints/, samples/, tb/,
-metrics.jsonl, report.html and export/. The same run name resumes."""
+metrics.jsonl, report.html and export/. The same run name resumes; one process at a time
+writes a run directory (:func:`open_run`)."""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from medrl.config import RunConfig, save_config, to_dict
+from runfiles import hold_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +40,27 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
+@contextmanager
+def open_run(cfg: RunConfig) -> Iterator[Path]:
+    """The run directory for this process, for the block: its lock taken first
+    (:func:`runfiles.hold_run_dir`: a second driver on it is refused, naming the holder),
+    then :func:`prepare_run_dir`. The lock is released when the block ends, by an error
+    too. Every command that runs in a run directory (``medrl finetune``, ``rl train``,
+    each ``tune`` trial, ``demo``) holds it so, in its driver process."""
+    with hold_run_dir(cfg.run_dir):
+        yield prepare_run_dir(cfg)
+
+
 def finetune_run(cfg: RunConfig, run_dir: Path | None = None):
-    """``medrl finetune`` on a composed config: the run's folder prepared (unless given),
-    the generator fine-tuned with the model, data, finetune and sampling sections, the
-    resolved config stored with it. Returns :func:`generators.finetune.finetune`'s result."""
+    """``medrl finetune`` on a composed config: the run's folder opened (:func:`open_run`)
+    unless given (its caller holds it then), the generator fine-tuned with the model, data,
+    finetune and sampling sections, the resolved config stored with it. Returns
+    :func:`generators.finetune.finetune`'s result."""
     from generators.finetune import finetune
 
-    run_dir = prepare_run_dir(cfg) if run_dir is None else run_dir
+    if run_dir is None:
+        with open_run(cfg) as opened:
+            return finetune_run(cfg, opened)
     sections = (cfg.model, cfg.data, cfg.finetune, cfg.sampling)
     return finetune(
         run_dir, *sections, seed=cfg.run.seed, device=cfg.run.device, resolved_config=to_dict(cfg)

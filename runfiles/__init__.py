@@ -5,7 +5,8 @@ One atomic file writer (:func:`atomic_write_text`, :func:`atomic_write_bytes`,
 (:func:`staged_folder` / :func:`commit_folder`) that never deletes the old copy before the
 new one is in place, and the ``latest`` pointer of a checkpoint root
 (:func:`write_latest`, :func:`read_latest`), validated on the way in and out, and a
-run's ``metrics.jsonl`` (:func:`append_metrics`, :func:`read_metrics`). The config base
+run's ``metrics.jsonl`` (:func:`append_metrics`, :func:`read_metrics`), one writer per
+run directory (:func:`hold_run_dir`, :mod:`runfiles.lock`). The config base
 every package declares its settings with is :mod:`runfiles.config`. Everything
 is fsynced before it is renamed into place, so what a reader finds after a crash is
 either the old file or folder or the new one, never a part of either.
@@ -29,11 +30,14 @@ from runfiles.files import (
     staged_folder,
     write_latest,
 )
+from runfiles.lock import LOCK_FILE, RunDirInUse, hold_run_dir
 from runfiles.metrics import METRICS_FILE, append_metrics, is_number, read_metrics
 
 __all__ = [
     "LATEST",
+    "LOCK_FILE",
     "METRICS_FILE",
+    "RunDirInUse",
     "append_metrics",
     "is_number",
     "read_metrics",
@@ -42,6 +46,7 @@ __all__ = [
     "atomic_write_text",
     "check_format",
     "commit_folder",
+    "hold_run_dir",
     "list_checkpoints",
     "prune_checkpoints",
     "read_latest",

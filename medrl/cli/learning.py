@@ -42,14 +42,14 @@ def cmd_rewards_serve(args: argparse.Namespace) -> int:
 
 def cmd_rl_train(args: argparse.Namespace) -> int:
     from cluster.driver import run_rl
-    from medrl.runs import prepare_run_dir, print_proxy_and_gold
+    from medrl.runs import open_run, print_proxy_and_gold
     from rl.inputs import resolve_inputs
     from rl.records import eval_curve
 
     cfg = config_of(args)
     resolve_inputs(cfg)  # a missing generator, reward or prompts fails before Ray starts
-    run_dir = prepare_run_dir(cfg)
-    out = run_rl(cfg)
+    with open_run(cfg) as run_dir:  # a second driver on this run directory is refused
+        out = run_rl(cfg)
     curve = eval_curve(out["records"])
     print(f"RL adapter: {out['adapter']}")
     print(f"metrics: {run_dir / 'metrics.jsonl'}")
@@ -68,7 +68,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     from cluster.tune import parse_space, run_tune
     from medrl.config import load_config
-    from medrl.runs import prepare_run_dir
+    from medrl.runs import open_run
     from rl.inputs import resolve_inputs
 
     cfg = config_of(args)
@@ -79,7 +79,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out = run_tune(
         cfg,
         make_config=functools.partial(load_config, args.config),
-        prepare=prepare_run_dir,
+        prepare=open_run,
         base_overrides=args.overrides,
         fixed_inputs={"rl.generator": inputs["generator_dir"], "rl.reward": inputs["reward"]},
     )
