@@ -20,7 +20,14 @@ from rl.config import RLRun
 from rl.gold import selection_score
 from rl.learner import Learner, save_rng_state
 from rl.records import finite
-from runfiles import atomic_write_text, commit_folder, prune_checkpoints, write_latest
+from runfiles import (
+    atomic_write_text,
+    clean_temporaries,
+    commit_folder,
+    prune_checkpoints,
+    read_latest,
+    write_latest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +65,7 @@ def commit_rl_checkpoint(
     tmp = None
     if learner.rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}.")
+        tmp = tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}.tmp-")
     tmp = Path(broadcast(tmp))
     try:
         learner.save(tmp)
@@ -79,6 +86,16 @@ def commit_rl_checkpoint(
         prune_checkpoints(ckpt_root, keep)
     dist.barrier()
     return final
+
+
+def latest_checkpoint(ckpt_root: Path, clean: bool) -> Path | None:
+    """At a run's start: the checkpoint ``latest`` names (validated: runfiles), None before
+    the first. With ``clean`` (rank 0), what an interrupted commit left in ``ckpt_root`` is
+    removed first (its temporary folders and files; a folder committed but not yet named
+    by ``latest`` stays, and is committed again over)."""
+    if clean:
+        clean_temporaries(ckpt_root)
+    return read_latest(ckpt_root)
 
 
 class BestAdapter:

@@ -46,6 +46,7 @@ from rl.checkpoints import (
     broadcast,
     commit_rl_checkpoint,
     export_adapter,
+    latest_checkpoint,
     write_rank_record,
 )
 from rl.config import RLRun
@@ -55,7 +56,7 @@ from rl.learner import Learner, group_advantages, load_rng_state
 from rl.rollout import Backend, LocalBackend, evaluate_adapter, score_map
 from rl.samplers import SampleRequest
 from rl.trajectories import Trajectories
-from runfiles import METRICS_FILE, append_metrics, is_number, read_latest
+from runfiles import METRICS_FILE, append_metrics, is_number
 from runfiles.config import to_dict
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,7 @@ def save_checkpoint(learner: Learner, ckpt_root: Path, done: int, cfg: RLRun) ->
 def resume(learner: Learner, ckpt_root: Path, run_name: str) -> int:
     """Load the checkpoint ``latest`` names, if any (engine, optimizer steps, RNG); the
     number of iterations it has done (0 without one)."""
-    latest = read_latest(ckpt_root)
+    latest = latest_checkpoint(ckpt_root, clean=learner.rank == 0)
     if latest is None:
         return 0
     learner.load(latest)

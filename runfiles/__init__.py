@@ -6,7 +6,8 @@ One atomic file writer (:func:`atomic_write_text`, :func:`atomic_write_bytes`,
 new one is in place, and the ``latest`` pointer of a checkpoint root
 (:func:`write_latest`, :func:`read_latest`), validated on the way in and out, and a
 run's ``metrics.jsonl`` (:func:`append_metrics`, :func:`read_metrics`), one writer per
-run directory (:func:`hold_run_dir`, :mod:`runfiles.lock`). The config base
+run directory (:func:`hold_run_dir`, :mod:`runfiles.lock`) and the sweep of what
+interrupted writes left (:func:`clean_temporaries`). The config base
 every package declares its settings with is :mod:`runfiles.config`. Everything
 is fsynced before it is renamed into place, so what a reader finds after a crash is
 either the old file or folder or the new one, never a part of either.
@@ -21,6 +22,7 @@ from runfiles.files import (
     atomic_write_bytes,
     atomic_write_text,
     check_format,
+    clean_temporaries,
     commit_folder,
     list_checkpoints,
     prune_checkpoints,
@@ -45,6 +47,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "check_format",
+    "clean_temporaries",
     "commit_folder",
     "hold_run_dir",
     "list_checkpoints",

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import errno
 import functools
+import logging
 import os
 import shutil
 import tempfile
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 #: The file in a checkpoint root that names the newest committed checkpoint.
 LATEST = "latest"
@@ -204,6 +207,35 @@ def staged_folder(dest: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _is_temporary(name: str) -> bool:
+    """A name :func:`staged_folder` (``.<name>.tmp-*``), :func:`atomic_path` (``.<name>.*.tmp``)
+    or :func:`commit_folder` (``.<name>.old-*``) gives what it has not finished."""
+    return name.startswith(".") and (".tmp-" in name or name.endswith(".tmp") or _BACKUP in name)
+
+
+def clean_temporaries(root: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted writes left in ``root`` (not below it): the temporary folders
+    and files of unfinished commits, and old copies set aside by :func:`commit_folder`
+    once their folder is in place (:func:`recover_folder` puts one back first where its
+    folder is missing). Safe only while nothing else writes into ``root``: at a run's
+    start, under its lock (:mod:`runfiles.lock`). Returns what was removed (logged)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    for backup in [p for p in root.iterdir() if _BACKUP in p.name and p.name.startswith(".")]:
+        recover_folder(root / backup.name[1:].split(_BACKUP)[0])
+    removed = sorted(p for p in root.iterdir() if _is_temporary(p.name))
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if removed:
+        names = ", ".join(p.name for p in removed)
+        log.warning("%s: removed what interrupted writes left: %s", root, names)
+    return removed
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -187,3 +187,28 @@ def test_check_format_names_the_file_and_refuses_newer_versions():
         check_format(
             {"format": "medrl-x", "version": 3}, "medrl-x", 2, "a.json", "thing", "upgrade"
         )
+
+
+def test_clean_temporaries_removes_only_what_unfinished_writes_left(tmp_path: Path, caplog):
+    from runfiles import clean_temporaries
+
+    for name in ("step-000001", ".step-000002.tmp-ab", ".step-000001.old-cd", ".keep"):
+        (tmp_path / name).mkdir()
+    for name in ("latest", ".latest.x1.tmp", ".notes"):
+        (tmp_path / name).write_text("step-000001\n")
+    removed = clean_temporaries(tmp_path)
+    assert [p.name for p in removed] == [
+        ".latest.x1.tmp",
+        ".step-000001.old-cd",
+        ".step-000002.tmp-ab",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".keep",
+        ".notes",
+        "latest",
+        "step-000001",
+    ]
+    assert "removed what interrupted writes left" in caplog.text
+    (tmp_path / "step-000001").rename(tmp_path / ".step-000001.old-ef")  # set aside, not back
+    assert clean_temporaries(tmp_path) == [] and (tmp_path / "step-000001").is_dir()
+    assert clean_temporaries(tmp_path / "nowhere") == []
