@@ -139,8 +139,8 @@ def _trainer(
     callbacks: Sequence[Any] | None,
 ) -> Any:
     """The ``TorchTrainer`` whose workers run :func:`train_loop_per_worker` with these actors."""
+    from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
@@ -162,6 +162,8 @@ def _trainer(
             name=f"rl-{cfg.run.name}",
             storage_path=str(Path(inputs["run_dir"]) / RL_DIR / "ray"),
             callbacks=list(callbacks or []),
+            # a restarted worker group resumes from the loop's own ``latest`` checkpoint
+            failure_config=FailureConfig(max_failures=cfg.rl.max_failures),
         ),
     )
 

@@ -138,6 +138,12 @@ class RLConfig:
     sampler_max_restarts: int = setting(
         3, "restarts of a sampler actor that dies; its unfinished samples are redrawn", min=0
     )
+    max_failures: int = setting(
+        2,
+        "restarts of the learner's Ray Train worker group (and retries of a `medrl tune` "
+        "trial) after a failure; each resumes from the latest checkpoint; 0: none",
+        min=0,
+    )
     ray_address: str = setting(
         "", "Ray cluster to join (`auto` inside a job); empty: start a local Ray on 127.0.0.1"
     )

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -178,6 +179,7 @@ def run_iterations(
             import ray.train
 
             ray.train.report({k2: v for k2, v in record.items() if is_number(v)})
+        fail_once_for_tests(k, learner.rank)
         stop_if_empty(empty, rl.max_empty_iterations, why)
     adapter = learner.adapter_state()
     if learner.rank == 0:
@@ -240,6 +242,31 @@ def stop_if_empty(empty: int, limit: int, why: str) -> None:
             f"{limit}); the last one: {why}. They committed no checkpoint: fix the cause and "
             "rerun the same run name to resume from the last checkpoint that trained"
         )
+
+
+#: test hook: path of a marker file holding an iteration number; rank 0 deletes it and
+#: raises at the end of that iteration (once: the restarted loop finds no marker)
+FAIL_ONCE_ENV = "MEDRL_TEST_FAIL_ONCE"
+
+
+class InjectedFailure(RuntimeError):
+    """The one-time failure that :data:`FAIL_ONCE_ENV` asks for (tests only)."""
+
+
+def fail_once_for_tests(k: int, rank: int) -> None:
+    """Rank 0: raise :class:`InjectedFailure` after iteration ``k`` when the marker file
+    that ``MEDRL_TEST_FAIL_ONCE`` names holds ``k`` (the marker is removed first)."""
+    marker = os.environ.get(FAIL_ONCE_ENV)
+    if rank != 0 or not marker:
+        return
+    path = Path(marker)
+    try:
+        at = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return
+    if at == k:
+        path.unlink()
+        raise InjectedFailure(f"{FAIL_ONCE_ENV}: injected failure after iteration {k}")
 
 
 def untrained_reason(samples: int, scored: int) -> str:

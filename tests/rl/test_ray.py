@@ -25,7 +25,16 @@ RUN_METRICS = ("reward_mean", "reward_std", "pass_rate", "approx_kl", "clipfrac"
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def fail_marker(tmp_path_factory) -> Path:
+    """Where a test writes the iteration after which the loop fails once (rl.loop's
+    MEDRL_TEST_FAIL_ONCE, set in the Ray workers' env; absent: no failure)."""
+    return tmp_path_factory.mktemp("rlfail") / "fail-after"
+
+
+@pytest.fixture(scope="module")
+def ray_local(fail_marker):
+    from rl.loop import FAIL_ONCE_ENV
+
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
@@ -34,6 +43,7 @@ def ray_local():
             "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "HF_HUB_OFFLINE": "1",
+            FAIL_ONCE_ENV: str(fail_marker),
         }
         # logical CPUs: 2 samplers + 2 learner ranks + reward service (+ the sampler
         # fixture's actors, idle by then) all fit; they take turns on the real cores
@@ -340,6 +350,55 @@ def test_rl_train_on_ray_two_ranks_with_different_data_end_with_identical_adapte
     fresh = load_generator(rl_generator_dir)
     load_adapter_into(fresh.pipe, run_dir / "rl" / "adapter")
     assert adapter_digest(get_adapter_state(fresh.unet)) == a["adapter_sha256"]
+
+
+def _train(tmp_path: Path, name: str, generator: Path, prompts: Path) -> Path:
+    """`medrl rl train`: one sampler, one learner rank, two iterations; the run dir."""
+    from medrl.cli import main
+
+    args = [
+        "rl",
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        *RL_OVERRIDES,
+        f"run.root={tmp_path}",
+        f"run.name={name}",
+        f"rl.generator={generator}",
+        f"rl.prompts_file={prompts}",
+        "rl.iterations=2",
+        "rl.num_samplers=1",
+        "rl.max_failures=1",
+    ]
+    assert main(args) == 0
+    return tmp_path / name
+
+
+@pytest.mark.slow
+def test_a_learner_that_fails_is_restarted_and_resumes_to_the_same_adapter(
+    ray_local, rl_generator_dir, prompts_file, fail_marker, tmp_path, capsys
+):
+    """rl.max_failures: Ray Train restarts the worker group of a learner rank that raised
+    after iteration 0; the loop resumes from `latest` and ends with the adapter of an
+    uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from rl.records import read_rl_records
+
+    reference = _train(tmp_path, "whole", rl_generator_dir, prompts_file)
+    fail_marker.write_text("0")
+    failed = _train(tmp_path, "failed", rl_generator_dir, prompts_file)
+    assert not fail_marker.exists()  # the failure happened (once)
+    (rank,) = _ranks(failed)
+    assert rank["started_at"] == 1  # the restarted loop resumed after iteration 0
+    assert rank["adapter_sha256"] == _ranks(reference)[0]["adapter_sha256"]
+    weights = "rl/adapter/pytorch_lora_weights.safetensors"
+    a, b = load_file(reference / weights), load_file(failed / weights)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # every iteration and the final evaluation recorded once
+    assert [r["iteration"] for r in read_rl_records(failed)] == [0, 1, 2]
 
 
 def test_rl_train_command_names_a_bad_key(capsys):
