@@ -169,7 +169,12 @@ def _tuner(
                 max_concurrent=tc.max_concurrent, random_state=tc.seed
             ),
         ),
-        run_config=tune.RunConfig(name=f"tune-{cfg.run.name}", storage_path=str(out / "ray")),
+        # a retried trial reruns the same run name: its RL run resumes from ``latest``
+        run_config=tune.RunConfig(
+            name=f"tune-{cfg.run.name}",
+            storage_path=str(out / "ray"),
+            failure_config=tune.FailureConfig(max_failures=cfg.rl.max_failures),
+        ),
     )
 
 

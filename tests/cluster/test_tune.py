@@ -61,6 +61,16 @@ def test_sweep_preset_loads_and_its_space_parses():
     assert "rl.lr" in space and "rewards.threshold" in space
 
 
+def test_trials_are_retried_rl_max_failures_times(tmp_path):
+    """A trial that fails is run again (same run name: its RL run resumes from latest)."""
+    from cluster.tune import _tuner
+    from medrl.config import load_config
+
+    cfg = load_config("configs/sweep.yaml", ["rl.max_failures=3"])
+    tuner = _tuner(cfg, parse_space(cfg.tune.space), load_config, None, [], tmp_path)
+    assert tuner._local_tuner.get_run_config().failure_config.max_failures == 3
+
+
 # --------------------------------------------------------------------------- the sweep
 
 
