@@ -130,20 +130,15 @@ def _scheduler(tc: TuneConfig, iterations: int) -> Any:
     )
 
 
-def _tuner(
+def _trainable(
     cfg: RLRun,
-    space: dict[str, tuple[str, tuple[Any, ...]]],
     make_config: Callable[[list[str]], Any],
     prepare: Callable[[Any], Any],
     base: list[str],
-    out: Path,
 ) -> Any:
-    """The ``tune.Tuner`` whose trials run :func:`_trial` over ``space``."""
+    """:func:`_trial` with its fixed arguments and its resources, as Tune runs it."""
     from ray import tune
-    from ray.tune.search import BasicVariantGenerator
 
-    tc: TuneConfig = cfg.tune
-    scheduler = _scheduler(tc, cfg.rl.iterations)
     trainable = tune.with_parameters(
         _trial,
         make_config=make_config,
@@ -154,14 +149,37 @@ def _tuner(
     # the trial function only waits on its trainer: a token CPU share (Tune refuses an
     # empty resource request); the samplers, reward service and learner workers it starts
     # ask for their own
-    trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPUS})
+    return tune.with_resources(trainable, {"CPU": TRIAL_CPUS})
+
+
+def _tuner(
+    cfg: RLRun,
+    space: dict[str, tuple[str, tuple[Any, ...]]],
+    make_config: Callable[[list[str]], Any],
+    prepare: Callable[[Any], Any],
+    base: list[str],
+    out: Path,
+) -> Any:
+    """The ``tune.Tuner`` whose trials run :func:`_trial` over ``space``; the sweep of the
+    same run name restored where one was started before (its finished trials kept, its
+    unfinished and failed ones run again under their run names: they resume from latest)."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    tc: TuneConfig = cfg.tune
+    trainable = _trainable(cfg, make_config, prepare, base)
+    name = f"tune-{cfg.run.name}"
+    previous = out / "ray" / name
+    if tune.Tuner.can_restore(previous):
+        log.info("tune: resuming the sweep in %s (its search space and trials as saved)", previous)
+        return tune.Tuner.restore(str(previous), trainable, resume_errored=True)
     return tune.Tuner(
         trainable,
         param_space={"params": to_tune_space(space)},
         tune_config=tune.TuneConfig(
             metric=tc.metric,
             mode=tc.mode,
-            scheduler=scheduler,
+            scheduler=_scheduler(tc, cfg.rl.iterations),
             num_samples=tc.num_samples,
             # the variant generator limits concurrency itself (Tune ignores
             # max_concurrent_trials next to a generator instance)
@@ -171,7 +189,7 @@ def _tuner(
         ),
         # a retried trial reruns the same run name: its RL run resumes from ``latest``
         run_config=tune.RunConfig(
-            name=f"tune-{cfg.run.name}",
+            name=name,
             storage_path=str(out / "ray"),
             failure_config=tune.FailureConfig(max_failures=cfg.rl.max_failures),
         ),

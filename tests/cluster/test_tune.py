@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -69,6 +70,30 @@ def test_trials_are_retried_rl_max_failures_times(tmp_path):
     cfg = load_config("configs/sweep.yaml", ["rl.max_failures=3"])
     tuner = _tuner(cfg, parse_space(cfg.tune.space), load_config, None, [], tmp_path)
     assert tuner._local_tuner.get_run_config().failure_config.max_failures == 3
+
+
+def test_a_sweep_of_the_same_run_name_is_restored(tmp_path, monkeypatch):
+    """Rerunning `medrl tune` restores the saved sweep (failed trials run again) instead of
+    starting new trials, where Tune saved one under tune.out."""
+    from ray import tune
+
+    from cluster.tune import _tuner
+    from medrl.config import load_config
+
+    cfg = load_config("configs/sweep.yaml", ["run.name=sw"])
+    space = parse_space(cfg.tune.space)
+    saved = tmp_path / "ray" / "tune-sw"
+    calls: list[tuple] = []
+    monkeypatch.setattr(tune.Tuner, "can_restore", classmethod(lambda cls, p: Path(p) == saved))
+    monkeypatch.setattr(
+        tune.Tuner, "restore", classmethod(lambda cls, *a, **kw: calls.append((a, kw)) or "old")
+    )
+    assert _tuner(cfg, space, load_config, None, [], tmp_path) == "old"
+    ((args, kwargs),) = calls
+    assert args[0] == str(saved) and kwargs == {"resume_errored": True}
+    other = tmp_path / "other"  # nothing saved there: a new sweep
+    assert isinstance(_tuner(cfg, space, load_config, None, [], other), tune.Tuner)
+    assert len(calls) == 1
 
 
 # --------------------------------------------------------------------------- the sweep
