@@ -176,6 +176,12 @@ def test_medrl_tune_runs_trials_on_ray_and_writes_results_and_the_best_preset(
     assert cfg.rl.generator == str(rl_generator_dir) and cfg.rl.reward == "spatial"
     assert cfg.rl.iterations == 2 and yaml.safe_load(text)["run"]["name"] == "sw"
 
+    # the same command again restores the finished sweep: no new trial, the same rows
+    assert main(args) == 0
+    assert sorted((tmp_path / "runs").glob("sw-*")) == trial_runs
+    again = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted(r["trial"] for r in again) == sorted(r["trial"] for r in rows)
+
 
 def test_medrl_tune_refuses_a_bad_search_space_before_ray_starts(tmp_path, capsys):
     from medrl.cli import main
