@@ -38,6 +38,8 @@ MAX_PAIRS_SHOWN = 12
 #: Prompts shown as image grids, and images per side of each grid.
 GRID_PROMPTS = 4
 GRID_IMAGES = 4
+#: Utility's section when ``--no-utility`` turned it off (the user's choice: no note).
+TURNED_OFF = "turned off (--no-utility)"
 
 
 def _first_per_group(labels: list[str], per_group: int) -> list[int]:
@@ -254,8 +256,7 @@ class UtilityMetric:
 
     def __init__(self, plan: EvalPlan, enabled: bool = True) -> None:
         self.plan = plan
-        self.skipped = "turned off (--no-utility)" if not enabled else self._plan_labels()
-        self._noted = enabled
+        self.skipped = TURNED_OFF if not enabled else self._plan_labels()
         self._small: dict[str, dict[int, torch.Tensor]] = {
             s: {} for s in ("generated", "train", "holdout")
         }
@@ -310,7 +311,7 @@ class UtilityMetric:
 
     def compute(self) -> Section:
         if self.skipped is not None:
-            notes = [f"utility skipped: {self.skipped}"] if self._noted else []
+            notes = [] if self.skipped == TURNED_OFF else [f"utility skipped: {self.skipped}"]
             return Section({"skipped": self.skipped}, notes)
         (xr, yr), (xs, ys), (xt, yt) = (self._side(s) for s in ("train", "generated", "holdout"))
         log.info(

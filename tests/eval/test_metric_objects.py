@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from eval.evaluate import _plan, _select, _stream
@@ -15,6 +15,7 @@ from eval.image_metrics import (
     DIVERSITY_PER_GROUP,
     GRID_IMAGES,
     GRID_PROMPTS,
+    TURNED_OFF,
     DiversityMetric,
     FundusMetric,
     PrivacyMetric,
@@ -83,6 +84,8 @@ def test_chunk_size_changes_no_number(example):
 
 def test_metrics_keep_only_the_images_they_use(example):
     plan, metrics, utility, grids, _ = _run(example, batch_size=5)
+    # the example's images are larger than both copies, so keeping copies saves pixels
+    assert plan.size > UTILITY_SIZE and plan.size >= SSIM_SIZE
     n_gen, n_train = len(plan.gen_paths), len(plan.train)
     diversity = metrics[1]
     kept = diversity._kept
@@ -98,4 +101,15 @@ def test_metrics_keep_only_the_images_they_use(example):
     for side, copies in utility._small.items():
         assert set(copies) == set(utility.labels[side])
         assert all(c.shape == (3, UTILITY_SIZE, UTILITY_SIZE) for c in copies.values())
-    assert np.all([plan.size > UTILITY_SIZE, plan.size >= SSIM_SIZE])
+
+
+def test_utility_turned_off_is_a_skipped_section_without_a_note(example):
+    samples = find_samples(example.run_dir)
+    frame, keep, train, hold = _select(samples, Path(example.manifest), None)
+    plan = _plan(samples, frame, keep, train, hold, Batched(64), 0.95)
+    off = UtilityMetric(plan, enabled=False).compute()
+    assert off.values == {"skipped": TURNED_OFF} and off.notes == []
+    unlabelled = UtilityMetric(replace(plan, frame=plan.frame.assign(label="")))
+    skipped = unlabelled.compute()
+    assert "no labels" in skipped.values["skipped"]
+    assert skipped.notes == [f"utility skipped: {skipped.values['skipped']}"]
