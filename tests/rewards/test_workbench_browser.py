@@ -56,9 +56,20 @@ def item_id(page) -> str:
 
 
 def press_and_wait(page, keys: list[str], answered_before: int) -> None:
+    """Press `keys`, then wait until the answer is counted and the page has moved on.
+
+    The page counts the answer before it loads the next item, so the progress text alone
+    does not say that the image shown is already the next one.
+    """
+    before = page.get_attribute("#image", "src")
     for key in keys:
         page.keyboard.press(key)
     expect(page.locator("#progress")).to_have_text(re.compile(rf"^{answered_before + 1} of "))
+    page.wait_for_function(
+        "src => !document.getElementById('done').hidden"
+        " || document.getElementById('image').getAttribute('src') !== src",
+        arg=before,
+    )
 
 
 def test_two_raters_rate_a_round_with_the_keyboard(browser, tmp_path: Path):
