@@ -51,12 +51,19 @@ def broadcast(obj: Any, src: int = 0) -> Any:
 
 
 def commit_rl_checkpoint(
-    learner: Learner, ckpt_root: Path, done: int, state: dict[str, Any], keep: int
+    learner: Learner,
+    ckpt_root: Path,
+    done: int,
+    state: dict[str, Any],
+    keep: int,
+    tensor_files: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Collective. Every rank writes its engine state into a temporary directory; rank 0
-    adds adapter, state and RNG, commits it into place (runfiles), then writes ``latest``, then
-    deletes checkpoints beyond ``keep`` (oldest first)."""
+    adds adapter, state, RNG and ``tensor_files`` (relative path -> tensors, as
+    safetensors), commits it into place (runfiles), then writes ``latest``, then deletes
+    checkpoints beyond ``keep`` (oldest first)."""
     import torch.distributed as dist
+    from safetensors.torch import save_file
 
     from generators.lora import save_adapter
 
@@ -75,6 +82,9 @@ def commit_rl_checkpoint(
                 save_adapter(learner.engine.module, tmp / "adapter", formats=("diffusers",))
         if learner.rank == 0:
             save_rng_state(tmp / "rng.json")
+            for rel, tensors in (tensor_files or {}).items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                save_file(tensors, str(tmp / rel))
             (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
             commit_folder(tmp, final)
             write_latest(ckpt_root, name)

@@ -125,6 +125,14 @@ class RLConfig:
     gold_reference: int = setting(
         64, "held-out real images (val split) that fd_real compares against", min=0
     )
+    max_staleness: int = setting(
+        0,
+        "draw ahead: the batch of iteration k is drawn with adapter version k - this "
+        "(at least 0) while the learner trains on earlier ones, so sampling overlaps "
+        "learning; each sample keeps the log-probs of the version that drew it (the PPO "
+        "ratio corrects for the lag); 0: draw, score, train in turn",
+        min=0,
+    )
     checkpoint_every: int = setting(1, "iterations between checkpoints", min=1)
     keep_checkpoints: int = setting(
         2, "checkpoints kept (older ones deleted after a commit)", min=1

@@ -32,6 +32,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,13 +52,14 @@ from rl.checkpoints import (
     write_rank_record,
 )
 from rl.config import RLRun
+from rl.draw_ahead import DRAW_ADAPTERS, DrawAhead
 from rl.gold import make_gold_judge
 from rl.inputs import iteration_requests
 from rl.learner import Learner, group_advantages, load_rng_state
 from rl.rollout import Backend, LocalBackend, evaluate_adapter, score_map
 from rl.samplers import SampleRequest
 from rl.trajectories import Trajectories
-from runfiles import METRICS_FILE, append_metrics, is_number
+from runfiles import METRICS_FILE, append_metrics, is_number, read_latest
 from runfiles.config import to_dict
 
 log = logging.getLogger(__name__)
@@ -149,6 +151,7 @@ def run_iterations(
     start, records = resume(learner, ckpt_root, cfg.run.name), []
     report = IterationLog(run_dir, cfg.run.name, use_ray) if learner.rank == 0 else None
     gold, best = judges(cfg, inputs, learner) if learner.rank == 0 else (None, None)
+    ahead = draw_ahead(backend, inputs, cfg, gold, best, ckpt_root, start, learner.rank)
     initial_digest = adapter_digest(learner.adapter_state())  # collective under ZeRO-3
     trained_ids: list[str] = []
     empty = 0  # iterations in a row that trained on nothing
@@ -157,30 +160,36 @@ def run_iterations(
     # an iteration's ``seconds`` runs from the previous one's mark to its own, so the
     # reporting of iteration k-1 (TensorBoard, Ray metrics, ray.train.report) is in k's
     mark = time.perf_counter()
-    for k in bar:
-        record: dict[str, Any] = {"iteration": k}
-        batch, why, eval_images = share_batch(backend, inputs, k, learner, cfg, gold, best, record)
-        shard, weights = batch.shard(learner.rank, learner.world)
-        trained_ids += [sid for sid, w in zip(shard.ids, weights.tolist(), strict=True) if w > 0]
-        stats = learner.train(batch, k, cfg.run.seed) if len(batch) else {}
-        stats = _mean_over_ranks(stats)
-        done = k + 1
-        empty = 0 if len(batch) else empty + 1
-        if len(batch) and (done % rl.checkpoint_every == 0 or done == rl.iterations):
-            save_checkpoint(learner, ckpt_root, done, cfg)
-        if learner.rank == 0:
-            record.update({k2: v for k2, v in stats.items() if k2 != "updates"})
-            now = time.perf_counter()
-            record["seconds"], mark = now - mark, now
-            report.write(record, eval_images)
-            records.append(record)
-            bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
-        if use_ray:
-            import ray.train
+    try:
+        for k in bar:
+            batch, why, drawn, evaluation = share_batch(ahead, k, learner)
+            shard, weights = batch.shard(learner.rank, learner.world)
+            trained_ids += [sid for sid, w in zip(shard.ids, weights.tolist(), strict=True) if w]
+            t_train = time.perf_counter()
+            stats = learner.train(batch, k, cfg.run.seed) if len(batch) else {}
+            stats = _mean_over_ranks(stats)
+            stats["train_seconds"] = time.perf_counter() - t_train
+            done = k + 1
+            empty = 0 if len(batch) else empty + 1
+            if len(batch) and (done % rl.checkpoint_every == 0 or done == rl.iterations):
+                save_checkpoint(learner, ckpt_root, done, cfg, ahead)
+            record: dict[str, Any] = {"iteration": k}
+            if learner.rank == 0:
+                eval_images = iteration_record(record, evaluation, drawn, stats)
+                now = time.perf_counter()
+                record["seconds"], mark = now - mark, now
+                report.write(record, eval_images)
+                records.append(record)
+                bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
+            if use_ray:
+                import ray.train
 
-            ray.train.report({k2: v for k2, v in record.items() if is_number(v)})
-        fail_once_for_tests(k, learner.rank)
-        stop_if_empty(empty, rl.max_empty_iterations, why)
+                ray.train.report({k2: v for k2, v in record.items() if is_number(v)})
+            fail_once_for_tests(k, learner.rank)
+            stop_if_empty(empty, rl.max_empty_iterations, why)
+    finally:
+        if ahead is not None:
+            ahead.close()
     adapter = learner.adapter_state()
     if learner.rank == 0:
         final = {"iteration": rl.iterations, "stage_n": 0}
@@ -206,31 +215,75 @@ def run_iterations(
     return records
 
 
+def iteration_record(
+    record: dict[str, Any], evaluation: Future, drawn: dict[str, Any], stats: dict[str, float]
+) -> torch.Tensor | None:
+    """Rank 0: the iteration's record in order (evaluation, batch, training; waits for the
+    evaluation); returns the evaluation images."""
+    scores, eval_images = evaluation.result()
+    record.update({**scores, **drawn})
+    record.update({k: v for k, v in stats.items() if k != "updates"})
+    return eval_images
+
+
 def share_batch(
-    backend: Backend,
-    inputs: dict[str, Any],
-    k: int,
-    learner: Learner,
-    cfg: RLRun,
-    gold: Any,
-    best: BestAdapter,
-    record: dict[str, Any],
-) -> tuple[Trajectories, str, torch.Tensor | None]:
-    """Every rank: rank 0 judges adapter version ``k`` and draws iteration ``k``'s batch;
+    ahead: DrawAhead | None, k: int, learner: Learner
+) -> tuple[Trajectories, str, dict[str, Any], Future | None]:
+    """Every rank: rank 0 queues the evaluation of adapter version ``k`` and the draws up
+    to ``k + rl.max_staleness`` (rl/draw_ahead.py), and waits for iteration ``k``'s batch;
     every rank gets the batch and why it is empty ("" when it is not). Rank 0 also gets
-    the evaluation images."""
-    rl, batch, why, eval_images = cfg.rl, None, "", None
+    the batch's record keys and the evaluation's future (record keys, images)."""
+    batch, why, drawn, evaluation = None, "", {}, None
     adapter = learner.adapter_state()  # on every rank: collective under ZeRO-3
     if learner.rank == 0:
-        eval_images = judge_version(backend, inputs, k, adapter, rl, gold, best, record)
+        t0 = time.perf_counter()
+        evaluation = ahead.begin(k, adapter)
+        batch, drawn = ahead.batch(k)
+        why = drawn.get("untrained", "")
+        drawn = {**drawn, "wait_seconds": time.perf_counter() - t0}  # the learner idle
+    batch, why = broadcast((batch, why))
+    return batch, why, drawn, evaluation
+
+
+def draw_ahead(
+    backend: Backend | None,
+    inputs: dict[str, Any],
+    cfg: RLRun,
+    gold: Any,
+    best: BestAdapter | None,
+    ckpt_root: Path,
+    start: int,
+    rank: int,
+) -> DrawAhead | None:
+    """Rank 0's :class:`DrawAhead` over ``backend`` (None on the other ranks), holding the
+    adapters that drew the iterations pending at ``start`` when resuming."""
+    if rank != 0:
+        return None
+    rl = cfg.rl
+
+    def evaluate(k: int, adapter: dict[str, torch.Tensor]) -> tuple[dict, torch.Tensor | None]:
+        t0 = time.perf_counter()
+        scores: dict[str, Any] = {"iteration": k}  # what rl/best sees, as before
+        images = judge_version(backend, inputs, k, adapter, rl, gold, best, scores)
+        del scores["iteration"]
+        scores["eval_seconds"] = time.perf_counter() - t0
+        return scores, images
+
+    def draw(k: int, version: int, adapter: dict[str, torch.Tensor]):
         requests = iteration_requests(
             inputs["train_prompts"], k, rl.prompts_per_iteration, rl.group_size, cfg.run.seed
         )
-        stage = 2 if k >= rl.stage2_start else 1
-        batch = draw_batch(backend, requests, k, adapter, stage, rl.adv_clip, record)
-        why = record.get("untrained", "")
-    batch, why = broadcast((batch, why))
-    return batch, why, eval_images
+        drawn: dict[str, Any] = {}
+        stage, t0 = 2 if k >= rl.stage2_start else 1, time.perf_counter()
+        batch = draw_batch(backend, requests, version, adapter, stage, rl.adv_clip, drawn)
+        drawn.update(staleness=k - version, draw_seconds=time.perf_counter() - t0)
+        if not drawn["trained"]:
+            log.warning("iteration %d trains on nothing: %s", k, drawn["untrained"])
+        return batch, drawn
+
+    ahead = DrawAhead(draw, evaluate, rl.max_staleness, rl.iterations)
+    ahead.restore(read_latest(ckpt_root) if start else None, start)
+    return ahead
 
 
 def stop_if_empty(empty: int, limit: int, why: str) -> None:
@@ -309,15 +362,23 @@ def judges(cfg: RLRun, inputs: dict[str, Any], learner: Learner) -> tuple[Any, B
     return gold, best
 
 
-def save_checkpoint(learner: Learner, ckpt_root: Path, done: int, cfg: RLRun) -> Path:
-    """Collective: the checkpoint after ``done`` iterations (what :func:`resume` reads)."""
+def save_checkpoint(
+    learner: Learner, ckpt_root: Path, done: int, cfg: RLRun, ahead: DrawAhead | None = None
+) -> Path:
+    """Collective: the checkpoint after ``done`` iterations (what :func:`resume` reads),
+    with the adapters that draw the iterations still pending (rank 0's ``ahead``)."""
     state = {
         "iterations_done": done,
         "optimizer_steps": learner.optimizer_steps,
         "adapter_version": done,
         "config": to_dict(cfg),
     }
-    return commit_rl_checkpoint(learner, ckpt_root, done, state, cfg.rl.keep_checkpoints)
+    extra = {}
+    if ahead is not None:
+        extra = {f"{DRAW_ADAPTERS}/{n}": a for n, a in ahead.pending_adapters(done).items()}
+    return commit_rl_checkpoint(
+        learner, ckpt_root, done, state, cfg.rl.keep_checkpoints, tensor_files=extra
+    )
 
 
 def resume(learner: Learner, ckpt_root: Path, run_name: str) -> int:
@@ -370,7 +431,6 @@ def draw_batch(
     record["trained"] = bool(keep)
     if not keep:
         record["untrained"] = untrained_reason(len(requests), len(rows))
-        log.warning("iteration %d trains on nothing: %s", version, record["untrained"])
     return traj.for_learner(adv, keep)  # no images: no learner rank trains on them
 
 

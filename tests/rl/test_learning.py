@@ -94,9 +94,12 @@ def _checkpoint_listing(cfg) -> list[str]:
     return sorted(p.name for p in (cfg.run_dir / "rl" / "checkpoints").iterdir())
 
 
-def test_resumed_run_matches_uninterrupted(rl_generator_dir, tmp_path):
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_resumed_run_matches_uninterrupted(rl_generator_dir, tmp_path, staleness):
+    """Also drawing ahead: the checkpoint holds the adapter that draws the pending batch."""
     torch.set_num_threads(1)
     common = ("run.name=resume", "rl.iterations=3", "rl.keep_checkpoints=2")
+    common += (f"rl.max_staleness={staleness}",)
     eval_prompts = EVAL_PROMPTS[:2]
 
     whole_cfg = rl_config(tmp_path / "whole", *common)
@@ -116,6 +119,7 @@ def test_resumed_run_matches_uninterrupted(rl_generator_dir, tmp_path):
         assert a["eval_reward"] == pytest.approx(b["eval_reward"], abs=1e-5)
         if "reward_mean" in a:
             assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-5)
+            assert a["staleness"] == b["staleness"] == (staleness if a["iteration"] else 0)
 
     state_a, state_b = whole_learner.adapter_state(), learner.adapter_state()
     assert state_a.keys() == state_b.keys()

@@ -294,6 +294,7 @@ def test_rl_train_on_ray_two_ranks_with_different_data_end_with_identical_adapte
         f"rl.prompts_file={prompts_file}",
         "rl.iterations=2",
         "rl.learner_workers=2",
+        "rl.max_staleness=1",  # iteration 1 drawn with version 0 while rank 0 trains
     ]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -310,6 +311,7 @@ def test_rl_train_on_ray_two_ranks_with_different_data_end_with_identical_adapte
         for key in (*RUN_METRICS, "eval_reward"):
             assert key in r and r[key] == r[key], key  # present, not NaN
         assert r["samples"] == r["trained_samples"] == 8  # 2 prompts x 4 images, stage 1
+    assert [r["staleness"] for r in steps] == [0, 1]
     assert records[-1]["stage_n"] == 0 and records[-1]["iteration"] == 2
     assert list((run_dir / "tb" / "rl").glob("events.out.tfevents.*"))
     # gold beside the proxy for every adapter version, a grid per version, and rl/best
@@ -369,6 +371,7 @@ def _train(tmp_path: Path, name: str, generator: Path, prompts: Path) -> Path:
         "rl.iterations=2",
         "rl.num_samplers=1",
         "rl.max_failures=1",
+        "rl.max_staleness=1",  # the restart redraws iteration 1 with version 0, as before
     ]
     assert main(args) == 0
     return tmp_path / name
@@ -380,7 +383,8 @@ def test_a_learner_that_fails_is_restarted_and_resumes_to_the_same_adapter(
 ):
     """rl.max_failures: Ray Train restarts the worker group of a learner rank that raised
     after iteration 0; the loop resumes from `latest` and ends with the adapter of an
-    uninterrupted run."""
+    uninterrupted run (drawing one iteration ahead: the checkpoint has the adapter that
+    draws iteration 1)."""
     from safetensors.torch import load_file
 
     from rl.records import read_rl_records
