@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rl.checkpoints import RL_DIR
+from rl.checkpoints import CHECKPOINTS_DIR, RL_DIR, check_resumable
 from rl.config import RLRun
 from rl.inputs import resolve_inputs
 from rl.learner import Learner
@@ -195,6 +195,7 @@ def run_rl(cfg: RLRun, callbacks: Sequence[Any] | None = None) -> dict[str, Any]
 
     inputs = resolve_inputs(cfg)
     run_dir = Path(inputs["run_dir"])
+    check_resumable(run_dir / RL_DIR / CHECKPOINTS_DIR, cfg.rl)  # before Ray starts
     started = ray_init(cfg)
     # Ray Train would send every print of the workers through its logger *and* stdout
     # (each line twice); the loop prints its own progress lines. Propagated to workers.

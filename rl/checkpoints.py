@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from rl.config import RLRun
+from rl.config import RLConfig, RLRun
+from rl.engine_state import check_engine_dir
 from rl.gold import selection_score
 from rl.learner import Learner, save_rng_state
 from rl.records import finite
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 
 RL_DIR = "rl"
+#: ``runs/<name>/rl/checkpoints``: the committed checkpoints and ``latest``
+CHECKPOINTS_DIR = "checkpoints"
 #: ``runs/<name>/rl/best``: the adapter version with the best held-out score (rl.select_by)
 BEST_DIR = "best"
 #: ``runs/<name>/rl/eval/version-NNNN.png``: the evaluation images of each adapter version
@@ -106,6 +109,16 @@ def latest_checkpoint(ckpt_root: Path, clean: bool) -> Path | None:
     if clean:
         clean_temporaries(ckpt_root)
     return read_latest(ckpt_root)
+
+
+def check_resumable(ckpt_root: Path, cfg: RLConfig) -> Path | None:
+    """Before any learner starts: the checkpoint ``latest`` names (None before the first),
+    if its engine state is one this run can load (this medrl's safetensors and JSON, the
+    run's rank count and ZeRO stage); CheckpointFormatError naming the file otherwise."""
+    latest = read_latest(ckpt_root)
+    if latest is not None:
+        check_engine_dir(latest, world=cfg.learner_workers, stage=cfg.zero_stage)
+    return latest
 
 
 class BestAdapter:

@@ -407,15 +407,19 @@ class Learner:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: Path) -> None:
-        """Collective: every rank writes its part of the engine state into ``directory``."""
-        self.engine.save_checkpoint(str(directory), tag="engine", save_latest=False)
+        """Collective: every rank writes its part of the engine state into
+        ``directory/engine`` (safetensors and JSON: :mod:`rl.engine_state`)."""
+        from rl.engine_state import save_engine_state
+
+        stage = self.cfg.zero_stage
+        save_engine_state(self.engine, directory, self.rank, self.world, stage, self.gathered)
 
     def load(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(
-            str(directory), tag="engine", load_optimizer_states=True
-        )
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed engine state under {directory}/engine")
+        """The engine state of checkpoint ``directory``; nothing in it is unpickled
+        (:mod:`rl.engine_state`: anything else there is refused, naming the file)."""
+        from rl.engine_state import load_engine_state
+
+        load_engine_state(self.engine, directory, self.rank, self.world, self.cfg.zero_stage)
 
 
 # --------------------------------------------------------------------------- RNG state

@@ -41,6 +41,7 @@ import torch
 
 from rl.checkpoints import (
     BEST_DIR,
+    CHECKPOINTS_DIR,
     EVAL_DIR,
     RL_DIR,
     BestAdapter,
@@ -147,7 +148,7 @@ def run_iterations(
 
     rl = cfg.rl
     run_dir = Path(inputs["run_dir"])
-    ckpt_root = run_dir / RL_DIR / "checkpoints"
+    ckpt_root = run_dir / RL_DIR / CHECKPOINTS_DIR
     start, records = resume(learner, ckpt_root, cfg.run.name), []
     report = IterationLog(run_dir, cfg.run.name, use_ray) if learner.rank == 0 else None
     gold, best = judges(cfg, inputs, learner) if learner.rank == 0 else (None, None)
