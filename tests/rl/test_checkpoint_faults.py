@@ -42,10 +42,10 @@ class StandInLearner:
 
     def save(self, directory: Path) -> None:
         (directory / "engine").mkdir()
-        (directory / "engine" / "model_states.pt").write_bytes(b"weights")
+        (directory / "engine" / "parameters.safetensors").write_bytes(b"weights")
         if self.crash_in_save:
             raise Crash("killed while the engine files were written")
-        (directory / "engine" / "optim_states.pt").write_bytes(b"optimizer")
+        (directory / "engine" / "optimizer-rank-00000.safetensors").write_bytes(b"optimizer")
 
     def gathered(self):
         return contextlib.nullcontext()
@@ -63,7 +63,8 @@ def fake_save_adapter(module, out: Path, formats=("diffusers",), extra=None) -> 
 
 def complete(ckpt: Path) -> bool:
     """Every file a checkpoint is made of is there."""
-    names = ("engine/model_states.pt", "engine/optim_states.pt", "rng.json", "state.json")
+    names = ("engine/parameters.safetensors", "engine/optimizer-rank-00000.safetensors")
+    names += ("rng.json", "state.json")
     names += ("adapter/pytorch_lora_weights.safetensors", "adapter/adapter_config.json")
     return all((ckpt / n).is_file() for n in names)
 
