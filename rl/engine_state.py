@@ -144,7 +144,8 @@ def check_engine_dir(ckpt: Path, world: int | None = None, stage: int | None = N
     saved_world, saved_stage = meta.get("world_size"), meta.get("zero_stage")
     if not isinstance(saved_world, int) or saved_world < 1 or saved_stage not in (0, 1, 2, 3):
         raise CheckpointFormatError(
-            f"{meta_path}: world_size {saved_world!r}, zero_stage {saved_stage!r}"
+            f"{meta_path}: world_size {saved_world!r} and zero_stage {saved_stage!r} are not "
+            "a rank count and a ZeRO stage (0 to 3)"
         )
     expected = {ENGINE_META, PARAMETERS, *(optimizer_file(r) for r in range(saved_world))}
     for name in names:
