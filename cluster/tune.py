@@ -191,7 +191,7 @@ def _tuner(
         run_config=tune.RunConfig(
             name=name,
             storage_path=str(out / "ray"),
-            failure_config=tune.FailureConfig(max_failures=cfg.rl.max_failures),
+            failure_config=tune.FailureConfig(max_failures=tc.max_failures),
         ),
     )
 

@@ -148,8 +148,8 @@ class RLConfig:
     )
     max_failures: int = setting(
         2,
-        "restarts of the learner's Ray Train worker group (and retries of a `medrl tune` "
-        "trial) after a failure; each resumes from the latest checkpoint; 0: none",
+        "restarts of the learner's Ray Train worker group after a failure; each resumes "
+        "from the latest checkpoint; 0: none (a `medrl tune` trial's retries: tune.max_failures)",
         min=0,
     )
     ray_address: str = setting(
@@ -184,6 +184,14 @@ class TuneConfig:
         1, "trials at once (each starts its own samplers, reward service and learner)", min=1
     )
     seed: int = setting(0, "seed of the search (which points are drawn)", min=0)
+    max_failures: int = setting(
+        1,
+        "retries of a trial that failed, under its run name (it resumes from its latest "
+        "checkpoint); each try restarts its learner up to rl.max_failures times of its own, "
+        "so a learner that always fails runs (tune.max_failures + 1) x (rl.max_failures + 1) "
+        "times; 0: none",
+        min=0,
+    )
     space: tuple[str, ...] = setting(
         (
             "rl.lr=loguniform(1e-3, 2e-2)",

@@ -62,14 +62,18 @@ def test_sweep_preset_loads_and_its_space_parses():
     assert "rl.lr" in space and "rewards.threshold" in space
 
 
-def test_trials_are_retried_rl_max_failures_times(tmp_path):
-    """A trial that fails is run again (same run name: its RL run resumes from latest)."""
+def test_trials_are_retried_tune_max_failures_times(tmp_path):
+    """A trial that fails is run again (same run name: its RL run resumes from latest),
+    tune.max_failures times; rl.max_failures is the learner's own, inside each try."""
     from cluster.tune import _tuner
     from medrl.config import load_config
 
-    cfg = load_config("configs/sweep.yaml", ["rl.max_failures=3"])
+    cfg = load_config("configs/sweep.yaml", ["tune.max_failures=3", "rl.max_failures=0"])
     tuner = _tuner(cfg, parse_space(cfg.tune.space), load_config, None, [], tmp_path)
     assert tuner._local_tuner.get_run_config().failure_config.max_failures == 3
+    assert load_config("configs/sweep.yaml").tune.max_failures == 1  # the default
+    with pytest.raises(ValueError, match="tune.max_failures"):
+        load_config("configs/sweep.yaml", ["tune.max_failures=-1"])
 
 
 def test_a_sweep_of_the_same_run_name_is_restored(tmp_path, monkeypatch):
