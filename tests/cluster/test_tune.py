@@ -105,19 +105,27 @@ def test_a_sweep_of_the_same_run_name_is_restored(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_medrl_tune_runs_trials_on_ray_and_writes_results_and_the_best_preset(
-    rl_generator_dir, tmp_path, capsys
+    rl_generator_dir, tmp_path, capsys, monkeypatch
 ):
     """`medrl tune` end to end: two trials (each an RL run: samplers, reward service, a
     TorchTrainer) under ASHA, results.csv with every trial, best.yaml a loadable preset
-    holding the best trial's values and the base run's generator."""
+    holding the best trial's values and the base run's generator. The first trial crashes
+    once after iteration 0 (rl.loop's MEDRL_TEST_FAIL_ONCE; rl.max_failures=0, so the
+    trainer does not restart it itself): Tune retries it (tune.max_failures), it resumes
+    from its own checkpoint, and the sweep finishes with every trial's row."""
     import csv
 
     import yaml
 
     from medrl.cli import main
     from medrl.config import load_config
+    from rl.loop import FAIL_ONCE_ENV
     from rl.records import eval_curve, read_rl_records
     from tests.rl.conftest import PROMPTS, RL_OVERRIDES
+
+    marker = tmp_path / "fail-after"
+    marker.write_text("0")
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))  # the local Ray's workers inherit it
 
     # the dashboard serves the State API, through which Ray Train's placement group
     # cleaner notices the trainer of a trial that ASHA stopped
@@ -136,9 +144,12 @@ def test_medrl_tune_runs_trials_on_ray_and_writes_results_and_the_best_preset(
         "rl.iterations=2",
         "rl.num_samplers=1",
         "tune.num_samples=2",
+        "tune.max_failures=1",
+        "rl.max_failures=0",
         f"tune.space={json.dumps(space)}",
     ]
     assert main(args) == 0
+    assert not marker.exists()  # the injected crash happened, once
     printed = capsys.readouterr().out
     out = tmp_path / "runs" / "sw" / "tune"
     assert f"results: {out / 'results.csv'}" in printed
@@ -166,6 +177,11 @@ def test_medrl_tune_runs_trials_on_ray_and_writes_results_and_the_best_preset(
         (row,) = [r for r in rows if trial_id in r["trial"]]
         curve = eval_curve(records)  # by adapter version = iteration
         assert float(row["eval_reward_last"]) == pytest.approx(curve[int(row["last_iteration"])])
+    # the crashed trial was retried under its run name and resumed after iteration 0 from
+    # its own checkpoint; the retry is Tune's first pending trial, so it reaches ASHA's
+    # first rung first and runs to the end (its learner then writes its rank record)
+    started = [json.loads(p.read_text())["started_at"] for p in _rank_records(trial_runs)]
+    assert sorted(started)[-1] == 1 and started.count(1) == 1, started
 
     # the best: of the trials that ran furthest, the one with the highest last reward
     furthest = max(int(r["last_iteration"]) for r in rows)
@@ -185,6 +201,11 @@ def test_medrl_tune_runs_trials_on_ray_and_writes_results_and_the_best_preset(
     assert sorted((tmp_path / "runs").glob("sw-*")) == trial_runs
     again = list(csv.DictReader((out / "results.csv").open()))
     assert sorted(r["trial"] for r in again) == sorted(r["trial"] for r in rows)
+
+
+def _rank_records(runs: list[Path]) -> list[Path]:
+    """Rank 0's end-of-run record of each run that ran to its end."""
+    return [p for run in runs for p in (run / "rl" / "ranks").glob("rank-000.json")]
 
 
 def test_medrl_tune_refuses_a_bad_search_space_before_ray_starts(tmp_path, capsys):
