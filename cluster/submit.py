@@ -159,12 +159,15 @@ def auth_headers() -> dict[str, str]:
 
 def load_runtime_env(path: str | os.PathLike) -> dict[str, Any]:
     """Read a runtime env YAML (``cluster/runtime_env.yaml``) into a dict."""
-    import yaml
+    from runfiles.config import ConfigError, read_yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"runtime env {path}: no such file")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = read_yaml(path) or {}
+    except ConfigError as exc:
+        raise ValueError(f"runtime env {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"runtime env {path}: expected a mapping, got {type(data).__name__}")
     return data

@@ -26,6 +26,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_kohya
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from generators.config import LoraConfig
@@ -345,11 +346,17 @@ def export_run_adapter(
     weights = adapter / DIFFUSERS_WEIGHTS if adapter.is_dir() else adapter
     if not weights.is_file():
         raise FileNotFoundError(f"{adapter}: no {DIFFUSERS_WEIGHTS} to export")
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as exc:
+        raise ValueError(f"{weights}: not a safetensors file ({exc})") from None
     config_file = weights.parent / ADAPTER_CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} missing: cannot tell the adapter's rank and alpha")
-    spec = json.loads(config_file.read_text())
+    try:
+        spec = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_file}: not JSON ({exc})") from None
     formats = tuple(formats or ("diffusers", "kohya"))
     bad = sorted(set(formats) - {"diffusers", "kohya"})
     if bad:

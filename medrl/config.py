@@ -35,6 +35,7 @@ from runfiles.config import (  # noqa: F401 - the config API, composed here
     RunSection,
     build,
     parse_overrides,
+    read_yaml,
     set_dotted,
     to_dict,
     type_name,
@@ -137,19 +138,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     """Load a preset (or the defaults when ``path`` is None) and apply dotted overrides.
 
     Raises:
-        ConfigError: unknown key, wrong type or out-of-range value, naming the key.
+        ConfigError: unknown key, wrong type or out-of-range value, naming the key; a
+            preset that is not YAML, naming the file, line and column.
         FileNotFoundError: the preset does not exist.
     """
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config preset {path} does not exist")
-        with path.open() as fh:
-            try:
-                loaded = yaml.safe_load(fh)
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            what = "is a directory, not a file" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"config preset {path} {what}")
+        loaded = read_yaml(path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

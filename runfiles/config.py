@@ -10,7 +10,8 @@ Every package declares its settings as frozen dataclasses whose fields are made 
 :func:`build` makes a dataclass from a (nested) mapping, coercing and checking every value;
 an unknown key, a value of the wrong type or out of range raises :class:`ConfigError`
 naming the dotted key and what is allowed. :func:`to_dict` turns one back into plain,
-YAML-safe data; :func:`parse_overrides` reads ``key.sub=value`` command-line overrides.
+YAML-safe data; :func:`parse_overrides` reads ``key.sub=value`` command-line overrides;
+:func:`read_yaml` reads a YAML file, its errors in one line naming the file, line and column.
 ``medrl.config`` composes the packages' sections into the run config.
 """
 
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import field
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -29,6 +32,34 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the key."""
+
+
+def yaml_problem(exc: yaml.YAMLError, position: bool = True) -> str:
+    """A YAML parse error in one line: ``line L, column C: problem (context)``."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    text = " ".join(f"{problem} ({context})".split() if context else str(problem).split())
+    if position and mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {text}"
+    return text
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """The YAML document in ``path`` (None when it is empty).
+
+    Raises:
+        ConfigError: not UTF-8 text, or not YAML, naming the file (and line and column).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML at {yaml_problem(exc)}") from None
 
 
 def setting(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002 - as field's metadata
@@ -210,7 +241,8 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{key}: cannot read value {raw!r}: {exc}") from None
+            problem = yaml_problem(exc, position=False)
+            raise ConfigError(f"{key}: cannot read value {raw!r}: {problem}") from None
         parsed.append((key, value))
     return parsed
 

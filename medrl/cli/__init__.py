@@ -31,7 +31,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """An error as one line: a learner's failure by its lowest failed rank's own error
+    (Ray Train's ``WorkerGroupError`` carries every rank's traceback in its text); else
+    the message's lines joined, or only its last line when it holds a traceback."""
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        rank = min(failures)
+        inner = failures[rank]
+        return f"learner rank {rank} failed: {type(inner).__name__}: {one_line(inner)}"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if any(line.startswith("Traceback") for line in lines):
+        return lines[-1]
+    return " ".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status. Every error ends in one line on stderr naming
+    the file, row or key (exit 2 for bad input, 1 for a failed run); ``-v`` shows the
+    traceback of an unexpected one."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -48,11 +68,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc.render(), file=sys.stderr)
         return 1
     except ConfigError as exc:
-        print(f"medrl: config error: {exc}", file=sys.stderr)
+        print(f"medrl: config error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"medrl: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # a missing, unreadable or bad input file or value
+        print(f"medrl: {one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("medrl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.verbose:
+            raise
+        name = type(exc).__name__
+        print(f"medrl: {name}: {one_line(exc)} (-v shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
