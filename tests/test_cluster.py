@@ -197,6 +197,8 @@ def test_rayjob_runs_medrl_rl_train():
     entry = doc["spec"]["entrypoint"]
     assert entry.startswith("medrl rl train --config configs/fundus-sd15.yaml run.name=")
     assert doc["spec"]["shutdownAfterJobFinishes"] is True
+    # a failed run is retried twice, each on a new cluster; its driver resumes from latest
+    assert doc["spec"]["backoffLimit"] == 2
     yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
 
 
