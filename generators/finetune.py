@@ -43,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -66,6 +65,9 @@ from generators.training_common import (
     ImageTextData,
     batch_indices,
     commit_checkpoint,
+    denoising_error,
+    encode_latents,
+    noise_latents,
     step_generator,
 )
 from generators.vae_training import reconstruction_psnr, train_vae
@@ -343,26 +345,15 @@ def _unet_step(
     x, texts = data.batch(idx)
     drop = torch.rand(len(texts), generator=g) < ft.text_dropout
     texts = ["" if d else t for t, d in zip(texts, drop.tolist(), strict=True)]
-    with torch.no_grad():
-        posterior = gen.vae.encode(x.to(dev)).latent_dist
-        eps_z = torch.randn(posterior.mean.shape, generator=g).to(dev)
-        latents = (posterior.mean + posterior.std * eps_z) * gen.vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=g).to(dev)
-    n_train = scheduler.config.num_train_timesteps
-    t = torch.randint(0, n_train, (latents.shape[0],), generator=g).to(dev)
-    noisy = scheduler.add_noise(latents, noise, t)
+    latents = encode_latents(gen.vae, x.to(dev), g)
+    noised = noise_latents(scheduler, latents, g)
     if ft.train_text_encoder:
         cond = gen.encode_prompts(texts)
     else:
         with torch.no_grad():
             cond = gen.encode_prompts(texts)
-    pred = gen.unet(noisy, t, encoder_hidden_states=cond).sample
-    target = (
-        noise
-        if scheduler.config.prediction_type == "epsilon"
-        else scheduler.get_velocity(latents, noise, t)
-    )
-    loss = F.mse_loss(pred.float(), target.float())
+    pred = gen.unet(noised.noisy, noised.t, encoder_hidden_states=cond).sample
+    loss = denoising_error(pred, noised).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if ft.grad_clip > 0:

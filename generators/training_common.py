@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -82,6 +84,59 @@ def batch_indices(n: int, batch_size: int, g: torch.Generator) -> torch.Tensor:
     if batch_size <= n:
         return torch.randperm(n, generator=g)[:batch_size]
     return torch.randint(0, n, (batch_size,), generator=g)
+
+
+# --------------------------------------------------------------------------- the denoising loss
+
+
+@dataclass(frozen=True)
+class NoisedLatents:
+    """Clean latents noised at random timesteps: ``noisy`` = add_noise(latents, noise, t), and
+    the ``target`` the UNet is trained to predict (the noise, or v for v-prediction)."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    noisy: torch.Tensor
+    target: torch.Tensor
+
+
+def encode_latents(vae: Any, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Scaled latents of pixels ``x`` in [-1, 1]: a draw from the VAE's posterior (noise from
+    ``g``) times its scaling factor, as the UNet is trained on."""
+    with torch.no_grad():
+        posterior = vae.encode(x.to(vae.device)).latent_dist
+        eps_z = torch.randn(posterior.mean.shape, generator=g).to(vae.device)
+        return (posterior.mean + posterior.std * eps_z) * vae.config.scaling_factor
+
+
+def noise_latents(scheduler: Any, latents: torch.Tensor, g: torch.Generator) -> NoisedLatents:
+    """Noise ``latents`` at timesteps drawn uniformly from the training schedule (noise, then
+    timesteps, from ``g``)."""
+    dev = latents.device
+    noise = torch.randn(latents.shape, generator=g).to(dev)
+    n_train = scheduler.config.num_train_timesteps
+    t = torch.randint(0, n_train, (latents.shape[0],), generator=g).to(dev)
+    return noised_at(scheduler, latents, noise, t)
+
+
+def noised_at(
+    scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> NoisedLatents:
+    """``latents`` noised with the given ``noise`` at timesteps ``t``."""
+    noisy = scheduler.add_noise(latents, noise, t)
+    target = (
+        noise
+        if scheduler.config.prediction_type == "epsilon"
+        else scheduler.get_velocity(latents, noise, t)
+    )
+    return NoisedLatents(latents, noise, t, noisy, target)
+
+
+def denoising_error(pred: torch.Tensor, noised: NoisedLatents) -> torch.Tensor:
+    """Per-sample mean squared error of the UNet's prediction against the target, (B,); its
+    mean is the supervised fine-tuning loss."""
+    return (pred.float() - noised.target.float()).pow(2).flatten(1).mean(1)
 
 
 # --------------------------------------------------------------------------- checkpoints
