@@ -1,6 +1,7 @@
 """``medrl rl train`` on Ray: starting or joining Ray, the sampler actors and the reward
 service, and a Ray Train ``TorchTrainer`` whose workers each hold a
-:class:`rl.learner.Learner` (DeepSpeed over the UNet, LoRA only) and run
+:class:`rl.learner.Learner` (DeepSpeed over the UNet, LoRA only; the subclass
+``rl.algorithm`` names, :mod:`rl.learners`) and run
 :func:`rl.loop.run_iterations`.
 """
 
@@ -19,7 +20,7 @@ import torch
 from rl.checkpoints import CHECKPOINTS_DIR, RL_DIR, check_resumable
 from rl.config import RLRun
 from rl.inputs import resolve_inputs
-from rl.learner import Learner
+from rl.learners import make_learner
 from rl.loop import run_iterations
 from rl.records import read_rl_records
 from rl.rollout import RayBackend
@@ -54,7 +55,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("use_gpu") and torch.cuda.is_available():
         device = f"cuda:{ctx.get_local_rank()}"
         torch.cuda.set_device(device)
-    learner = Learner(inputs["generator_dir"], cfg.lora, cfg.sampling, cfg.rl, device=device)
+    learner = make_learner(cfg, inputs["generator_dir"], inputs, device=device)
     backend = None
     if learner.rank == 0:
         backend = RayBackend(config["samplers"], config["rewards"], cfg.rl.sampler_chunk)

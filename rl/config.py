@@ -137,6 +137,31 @@ class RLConfig:
     keep_checkpoints: int = setting(
         2, "checkpoints kept (older ones deleted after a commit)", min=1
     )
+    algorithm: Literal["ddpo", "filter_retrain", "dpo"] = setting(
+        "ddpo",
+        'how the learner learns from the rewarded samples (docs/rl.md, "Learners"): ddpo '
+        "(policy gradient), filter_retrain (supervised fine-tuning on the samples that pass "
+        "the reward's gate, mixed with real pairs), dpo (Diffusion-DPO on preference pairs)",
+    )
+    real_share: float = setting(
+        0.25,
+        "filter_retrain: share of each supervised micro-batch drawn from the "
+        "real image-text pairs of data.manifest (train split); 0: only kept samples",
+        min=0.0,
+        max=1.0,
+    )
+    dpo_beta: float = setting(
+        2000.0,
+        "dpo: beta of the Diffusion-DPO loss (larger: a sharper preference, a tighter "
+        "hold to the adapter-disabled reference)",
+        min=0.0,
+    )
+    dpo_pairs: Literal["rewards", "ratings"] = setting(
+        "rewards",
+        "dpo: where preference pairs come from: rewards = each iteration's samples, paired "
+        "within a prompt's group by reward; ratings = the expert ratings store "
+        "(rewards.ratings_db: same prompt, different ratings)",
+    )
     max_empty_iterations: int = setting(
         3,
         "stop with an error after this many iterations in a row that trained on nothing "

@@ -57,6 +57,7 @@ from rl.draw_ahead import DRAW_ADAPTERS, DrawAhead
 from rl.gold import make_gold_judge
 from rl.inputs import iteration_requests
 from rl.learner import Learner, group_advantages, load_rng_state
+from rl.learners import make_learner, stage_of
 from rl.rollout import Backend, LocalBackend, evaluate_adapter, score_map
 from rl.samplers import SampleRequest
 from rl.trajectories import Trajectories
@@ -275,7 +276,7 @@ def draw_ahead(
             inputs["train_prompts"], k, rl.prompts_per_iteration, rl.group_size, cfg.run.seed
         )
         drawn: dict[str, Any] = {}
-        stage, t0 = 2 if k >= rl.stage2_start else 1, time.perf_counter()
+        stage, t0 = stage_of(rl, k), time.perf_counter()
         batch = draw_batch(backend, requests, version, adapter, stage, rl.adv_clip, drawn)
         drawn.update(staleness=k - version, draw_seconds=time.perf_counter() - t0)
         if not drawn["trained"]:
@@ -458,7 +459,8 @@ def run_local(
     learner_seed: int = 0,
     device: str = "cpu",
 ) -> tuple[list[dict[str, Any]], Learner]:
-    """The loop in one process, no Ray: one :class:`Sampler`, the reward, one learner.
+    """The loop in one process, no Ray: one :class:`Sampler`, the reward, one learner
+    (``rl.algorithm``'s, :func:`rl.learners.make_learner`).
 
     ``inputs`` as from :func:`resolve_inputs` (``run_dir``, ``generator_dir``, the
     prompts; ``reward`` unless a ``reward`` object is given). The single-process
@@ -472,7 +474,7 @@ def run_local(
         reward = build_reward(inputs["reward"], cfg.rewards)
     gen_dir = inputs["generator_dir"]
     sampler = Sampler(str(gen_dir), cfg.lora, cfg.sampling, device=device)
-    learner = Learner(gen_dir, cfg.lora, cfg.sampling, cfg.rl, device=device, seed=learner_seed)
+    learner = make_learner(cfg, gen_dir, inputs, device=device, seed=learner_seed)
     Path(inputs["run_dir"]).mkdir(parents=True, exist_ok=True)
     records = run_iterations(cfg, inputs, learner, LocalBackend(sampler, reward), use_ray=False)
     return records, learner

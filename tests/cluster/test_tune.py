@@ -225,3 +225,23 @@ def test_medrl_tune_refuses_a_bad_search_space_before_ray_starts(tmp_path, capsy
     assert "tune.space[0]" in err and "loguniform needs low > 0" in err
     assert not (tmp_path / "demo").exists()
     assert ray.is_initialized() == was_running  # refused before Ray was started
+
+
+def test_the_learner_is_a_choice_that_reaches_the_trials_config():
+    """`rl.algorithm=choice(...)` in tune.space: every drawn value becomes the trial's
+    `rl.algorithm` through the same override a trial applies (cluster.tune._override); a
+    value no learner has is refused like a command line's."""
+    from cluster.tune import _override
+    from medrl.config import load_config
+    from runfiles.config import ConfigError
+
+    space = parse_space(['rl.algorithm=choice("ddpo", "filter_retrain", "dpo")'])
+    assert space == {"rl.algorithm": ("choice", ("ddpo", "filter_retrain", "dpo"))}
+    domain = to_tune_space(space)["rl.algorithm"]
+    drawn = {domain.sample() for _ in range(60)}
+    assert drawn == {"ddpo", "filter_retrain", "dpo"}
+    for value in drawn:
+        cfg = load_config("configs/sweep.yaml", [_override("rl.algorithm", value)])
+        assert cfg.rl.algorithm == value
+    with pytest.raises(ConfigError, match="rl.algorithm"):
+        load_config("configs/sweep.yaml", [_override("rl.algorithm", "ppo")])

@@ -1,0 +1,190 @@
+"""``rl.algorithm=dpo``: Diffusion-DPO (Wallace et al. 2023) on preference pairs.
+
+For a pair of latents (x_w preferred to x_l) under the same prompt c, one noise eps and
+one timestep t are drawn and both are noised with them; with the denoising errors
+
+    e_theta(x) = || eps - eps_theta(x_t, t, c) ||^2     (the LoRA'd UNet)
+    e_ref(x)   = || eps - eps_ref(x_t, t, c) ||^2       (the same UNet, adapter disabled)
+
+the loss is ``-log sigmoid(-beta / 2 * ((e_theta(x_w) - e_theta(x_l)) - (e_ref(x_w) -
+e_ref(x_l))))`` (as the authors' train script, with ``beta = rl.dpo_beta``): the adapter
+learns to denoise the preferred image better than the reference does, relative to the
+other one, with no reward model in the gradient.
+
+Pairs (``rl.dpo_pairs``): ``rewards``: each iteration's samples, within each prompt's
+group the best against the worst, the second best against the second worst, and so on
+(ties skipped), their final latents x_0 as drawn; ``ratings``: the expert ratings store
+``rewards.ratings_db`` (images under ``rewards.images_root``), every two images of the
+same prompt with different ratings (:func:`rewards.rating_data.rating_targets`: each
+rater's latest rating, averaged over raters), their latents drawn from the VAE's
+posterior at every step. An iteration takes ``rl.updates_per_epoch * rl.inner_epochs``
+optimizer steps of ``max(1, rl.micro_batch // 2)`` pairs each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from generators.training_common import denoising_error, encode_latents, noise_latents, noised_at
+from rl.config import RLRun
+from rl.learner import Learner
+from rl.trajectories import Trajectories
+
+
+def dpo_loss(
+    model_err: torch.Tensor, ref_err: torch.Tensor, beta: float, weights: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Diffusion-DPO's loss from per-row denoising errors ``[winners; losers]`` (2P,) of the
+    model and of the reference, weighted per pair (P,)."""
+    m_w, m_l = model_err.chunk(2)
+    r_w, r_l = ref_err.chunk(2)
+    inside = -0.5 * beta * ((m_w - m_l) - (r_w - r_l))
+    denom = weights.sum().clamp(min=1e-8)
+    loss = (-F.logsigmoid(inside) * weights).sum() / denom
+    with torch.no_grad():
+        stats = {"dpo_accuracy": ((inside > 0).float() * weights).sum() / denom}
+    return loss, stats
+
+
+def reward_pairs(prompts: Sequence[str], scores: torch.Tensor) -> list[tuple[int, int]]:
+    """(winner, loser) rows: within each prompt's group, the i-th best against the i-th
+    worst for i below half the group; pairs of equal score are skipped."""
+    pairs = []
+    for prompt in dict.fromkeys(prompts):
+        rows = [i for i, p in enumerate(prompts) if p == prompt]
+        ranked = sorted(rows, key=lambda i: -float(scores[i]))
+        for i in range(len(ranked) // 2):
+            w, lo = ranked[i], ranked[-1 - i]
+            if float(scores[w]) > float(scores[lo]):
+                pairs.append((w, lo))
+    return pairs
+
+
+@dataclass
+class RatedPairs:
+    """Rated images (uint8, N x 3 x H x W) with their prompts, and (winner, loser) rows."""
+
+    images: torch.Tensor
+    prompts: list[str]
+    pairs: list[tuple[int, int]]
+
+
+def rating_pairs(run: RLRun) -> RatedPairs:
+    """Every two images of one prompt with different mean ratings in ``rewards.ratings_db``."""
+    from rewards.rating_data import load_images, rating_targets
+    from rewards.ratings import read_ratings
+
+    db = run.rewards.ratings_db
+    targets = rating_targets(read_ratings(db))
+    prompts = targets["prompt"].tolist()
+    quality = torch.tensor(targets["quality"].to_numpy(), dtype=torch.float64)
+    pairs = [
+        (w, lo) if quality[w] > quality[lo] else (lo, w)
+        for w in range(len(prompts))
+        for lo in range(w + 1, len(prompts))
+        if prompts[w] == prompts[lo] and quality[w] != quality[lo]
+    ]
+    if not pairs:
+        raise ValueError(
+            f"rl.dpo_pairs=ratings: {db} has no two images of one prompt with different "
+            "ratings, so there is no preference to learn"
+        )
+    root = Path(run.rewards.images_root or Path(db).parent)
+    images = load_images(root, targets["image_path"].tolist(), run.model.resolution)
+    return RatedPairs(images, prompts, pairs)
+
+
+@contextlib.contextmanager
+def adapter_disabled(unet: Any) -> Iterator[None]:
+    """The UNet without its LoRA (the reference model) inside the block."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+class DPOLearner(Learner):
+    """``rl.algorithm=dpo`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        generator_dir: str | os.PathLike,
+        run: RLRun,
+        inputs: dict[str, Any],
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+    ):
+        super().__init__(generator_dir, run.lora, run.sampling, run.rl, device=device, seed=seed)
+        self.rated = rating_pairs(run) if run.rl.dpo_pairs == "ratings" else None
+
+    def _pair_latents(
+        self, batch: Trajectories, pairs: list[tuple[int, int]], rng: torch.Generator
+    ) -> tuple[torch.Tensor, list[str]]:
+        """Latents ``[winners; losers]`` of ``pairs`` and their prompts."""
+        rows = [w for w, _ in pairs] + [lo for _, lo in pairs]
+        if self.rated is None:
+            prompts = [batch.prompts[i] for i in rows]
+            return batch.latents[rows, -1].to(self.device), prompts
+        x = self.rated.images[rows].float().div(127.5).sub(1.0)
+        return encode_latents(self.gen.vae, x, rng), [self.rated.prompts[i] for i in rows]
+
+    def train(self, batch: Trajectories, iteration: int, seed: int) -> dict[str, float]:
+        """``rl.updates_per_epoch * rl.inner_epochs`` optimizer steps of the DPO loss on this
+        rank's share of the pairs."""
+        rng = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+        if self.rated is None:
+            pairs = reward_pairs(batch.prompts, batch.advantages)
+        else:
+            pairs = self.rated.pairs
+        mine = pairs[self.rank :: self.world]
+        per_rank = -(-len(pairs) // self.world)
+        weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+        mine += [pairs[0]] * (per_rank - len(mine)) if pairs else []
+        if not mine:
+            return {"updates": 0.0, "dpo_pairs": 0.0}
+        per_step = max(1, self.cfg.micro_batch // 2)
+        steps = self.cfg.updates_per_epoch * self.cfg.inner_epochs
+        order = torch.randperm(len(mine), generator=rng)
+        self.engine.train()
+        totals: dict[str, float] = {}
+        for s in range(steps):
+            take = order[(s * per_step + torch.arange(per_step)) % len(mine)].tolist()
+            latents, prompts = self._pair_latents(batch, [mine[i] for i in take], rng)
+            w = torch.tensor([weights[i] for i in take], device=self.device)
+            loss, stats = self._dpo_step(latents, prompts, w, rng)
+            for k, v in {"loss": loss, **stats}.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        out = {k: v / steps for k, v in totals.items()}
+        out.update(updates=float(self.optimizer_steps), optimizer_steps_iteration=float(steps))
+        out["dpo_pairs"] = float(len(pairs))
+        return out
+
+    def _dpo_step(
+        self, latents: torch.Tensor, prompts: list[str], w: torch.Tensor, rng: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimizer step on the pairs ``latents = [winners; losers]``: one noise and one
+        timestep per pair, shared by its two images."""
+        half = noise_latents(self.scheduler, latents.chunk(2)[0], rng)
+        noised = noised_at(self.scheduler, latents, half.noise.repeat(2, 1, 1, 1), half.t.repeat(2))
+        cond, uncond = self._embeds(prompts)
+        with torch.no_grad():
+            with adapter_disabled(self.engine.module):
+                ref = self._noise_pred(noised.noisy, noised.t, cond, uncond)
+        pred = self._noise_pred(noised.noisy, noised.t, cond, uncond)
+        loss, stats = dpo_loss(
+            denoising_error(pred, noised), denoising_error(ref, noised), self.cfg.dpo_beta, w
+        )
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+        self.optimizer_steps += 1
+        return loss.detach(), stats
