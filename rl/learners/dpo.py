@@ -70,9 +70,11 @@ def reward_pairs(prompts: Sequence[str], scores: torch.Tensor) -> list[tuple[int
 
 @dataclass
 class RatedPairs:
-    """Rated images (uint8, N x 3 x H x W) with their prompts, and (winner, loser) rows."""
+    """Rated images (uint8, N x 3 x H x W) with their paths and prompts, and (winner,
+    loser) rows."""
 
     images: torch.Tensor
+    paths: list[str]
     prompts: list[str]
     pairs: list[tuple[int, int]]
 
@@ -98,8 +100,8 @@ def rating_pairs(run: RLRun) -> RatedPairs:
             "ratings, so there is no preference to learn"
         )
     root = Path(run.rewards.images_root or Path(db).parent)
-    images = load_images(root, targets["image_path"].tolist(), run.model.resolution)
-    return RatedPairs(images, prompts, pairs)
+    paths = targets["image_path"].tolist()
+    return RatedPairs(load_images(root, paths, run.model.resolution), paths, prompts, pairs)
 
 
 @contextlib.contextmanager

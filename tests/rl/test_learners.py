@@ -172,3 +172,36 @@ def test_checkpoints_resume_like_ddpo(algorithm, rl_generator_dir, tmp_path):
     for k in state_a:
         torch.testing.assert_close(state_b[k], state_a[k], rtol=0, atol=1e-6, msg=k)
     assert whole_learner.optimizer_steps == learner.optimizer_steps == 3 * 4
+
+
+def test_rating_pairs_are_same_prompt_different_ratings(tmp_path):
+    """rl.dpo_pairs=ratings: pairs from a ratings file (each rater's latest rating, averaged):
+    same prompt, different mean rating, the better-rated image first; an equal pair and
+    pairs across prompts are not pairs."""
+    import numpy as np
+
+    from generators.images import save_png
+    from rl.learners.dpo import rating_pairs
+
+    header = "image_path,rating,modality,expert_level,prompt,rater_id,timestamp,generator_ckpt,seed"
+    rows = [  # image, rating, prompt, rater, time
+        ("a.png", 3, "p", "r1", "2026-01-01T00:00:00"),
+        ("b.png", 1, "p", "r1", "2026-01-01T00:00:01"),
+        ("c.png", 2, "p", "r1", "2026-01-01T00:00:02"),
+        ("c.png", 3, "p", "r1", "2026-01-02T00:00:00"),  # r1's latest for c: 3, as a's
+        ("d.png", 1, "q", "r1", "2026-01-01T00:00:03"),
+        ("e.png", 2, "q", "r1", "2026-01-01T00:00:04"),
+    ]
+    lines = [header] + [f"{i},{r},fundus,expert,{p},{who},{t},phantom," for i, r, p, who, t in rows]
+    (tmp_path / "ratings.csv").write_text("\n".join(lines) + "\n")
+    for name in "abcde":
+        save_png(np.full((8, 8, 3), 100, dtype=np.uint8), tmp_path / f"{name}.png")
+    cfg = rl_config(
+        tmp_path,
+        f"rewards.ratings_db={tmp_path / 'ratings.csv'}",
+        f"rewards.images_root={tmp_path}",
+    )
+    rated = rating_pairs(cfg)
+    named = sorted((rated.paths[w], rated.paths[lo]) for w, lo in rated.pairs)
+    assert named == [("a.png", "b.png"), ("c.png", "b.png"), ("e.png", "d.png")]  # a = c
+    assert rated.images.shape[1:] == (3, 32, 32) and rated.images.dtype == torch.uint8
