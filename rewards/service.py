@@ -23,7 +23,13 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import (
+    GetTimeoutError,
+    NodeDiedError,
+    ObjectLostError,
+    OutOfMemoryError,
+    RayActorError,
+)
 
 from generators.model import resolve_device
 from rewards.config import RewardsConfig
@@ -31,6 +37,11 @@ from rewards.scorers import build_reward, parse_spec, rewards_config
 from rewards.scores import Reward, ScoreResult, duplicate_id, split_call
 
 log = logging.getLogger(__name__)
+
+#: what a call raises when its actor is gone: its process died or was killed (also by
+#: Ray's memory monitor, ``OutOfMemoryError``, which is no ``RayActorError``), its node
+#: was lost, or its result was lost with that node. The call is made again elsewhere.
+ACTOR_LOST = (RayActorError, OutOfMemoryError, NodeDiedError, ObjectLostError)
 
 
 # --------------------------------------------------------------------------- the service
@@ -280,7 +291,7 @@ class ScoringCalls:
     calls waiting and answers none of them within ``timeout_s`` (default
     ``rewards.score_timeout_s``; counted from the start of :meth:`collect`, its last
     answer, or the call that found it idle) is hung; one whose call fails with
-    ``RayActorError`` is dead. Either way it is killed and replaced
+    :data:`ACTOR_LOST` (died, killed for memory, its node lost) is dead. Either way it is killed and replaced
     (:meth:`RewardReplicas.replace`) and its calls go to the replicas again; the call it
     was running counts one failure, and a batch that fails ``max_attempts`` times is an
     error naming its samples and the replica.
@@ -340,8 +351,8 @@ class ScoringCalls:
         call = self.running[ref]
         try:
             result = ray.get(ref, timeout=self.timeout_s)
-        except RayActorError as exc:
-            reason = f"died ({str(exc).strip().splitlines()[0]})"
+        except ACTOR_LOST as exc:
+            reason = f"died ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
             self._fail(call.handle, self._oldest(call.handle), reason)
             return
         del self.running[ref]

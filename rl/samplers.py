@@ -195,12 +195,13 @@ class _ChunkQueue:
     def answer_probe(self, ref: Any) -> None:
         """Free the probed sampler if it answered; ask again until its deadline if not."""
         import ray
-        from ray.exceptions import RayActorError
+
+        from rewards.service import ACTOR_LOST
 
         who, deadline = self.probes.pop(ref)
         try:
             ray.get(ref)
-        except RayActorError:
+        except ACTOR_LOST:
             if time.monotonic() < deadline:
                 time.sleep(0.2)  # still restarting: ask again shortly
                 self.probe(who, deadline)
@@ -213,12 +214,13 @@ class _ChunkQueue:
         """The new samples of a finished chunk, or None if its sampler died (then the
         chunk goes back to the front of the queue and the sampler is probed)."""
         import ray
-        from ray.exceptions import RayActorError
+
+        from rewards.service import ACTOR_LOST
 
         who, work, attempts = self.running.pop(ref)
         try:
             part: Trajectories = ray.get(ref)
-        except RayActorError as exc:
+        except ACTOR_LOST as exc:
             attempts += 1
             self.redrawn += len(work)
             if attempts >= max_attempts:
@@ -227,8 +229,9 @@ class _ChunkQueue:
                     f"times (sampler {who}): {exc}"
                 ) from exc
             log.warning(
-                "sampler %d died; redrawing %d samples (%s..)", who, len(work), work[0].sample_id
-            )
+                "sampler %d lost (%s); redrawing %d samples (%s..)",
+                who, type(exc).__name__, len(work), work[0].sample_id,
+            )  # fmt: skip
             self.pending.insert(0, (work, attempts))
             self.probe(who, time.monotonic() + restart_timeout_s)  # work again once it is back
             return None
@@ -266,8 +269,10 @@ def draw_samples(
     """Spread ``requests`` over the sampler actors; return them in request order.
 
     Chunks go to whichever sampler is free (``ray.wait``). A sampler that dies is
-    restarted by Ray, which also retries its unfinished call on the restarted actor
-    (``max_task_retries``). A call that still fails with a ``RayActorError`` goes back to
+    restarted by Ray (on another node if its node was lost), which also retries its
+    unfinished call on the restarted actor (``max_task_retries``). A call that still fails
+    because its sampler is gone (:data:`rewards.service.ACTOR_LOST`: the actor died, Ray's
+    memory monitor killed it, its node or its result was lost) goes back to
     the front of the queue, for the next free sampler; the failed sampler gets no work
     until it answers ``info()`` again (it is restarting), and none at all if it is not
     back within ``restart_timeout_s``. A chunk that fails ``max_attempts`` times is an

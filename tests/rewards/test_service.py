@@ -308,8 +308,9 @@ def test_actors_score_by_id_with_shuffled_ids(ray_local, models_dir):
 
 def _faulty_reward(marker: str, fault: str, always: bool = False) -> Reward:
     """Brightness, but its first call of all (every call if ``always``) hangs (``fault``
-    "hang") or ends its process ("exit") first; that call creates ``marker``. Made here,
-    the class travels to Ray by value."""
+    "hang"), ends its process ("exit") or raises Ray's ``OutOfMemoryError`` ("oom", as
+    a caller sees a worker killed by Ray's memory monitor) first; that call creates
+    ``marker``. Made here, the class travels to Ray by value."""
 
     class Faulty(BrightnessReward):
         def score(self, images, prompts, ids):
@@ -321,6 +322,10 @@ def _faulty_reward(marker: str, fault: str, always: bool = False) -> Reward:
             if first or always:
                 if fault == "exit":
                     os._exit(1)
+                if fault == "oom":
+                    from ray.exceptions import OutOfMemoryError
+
+                    raise OutOfMemoryError("worker killed: the node is running low on memory")
                 time.sleep(3600)
             return super().score(images, prompts, ids)
 
@@ -366,14 +371,16 @@ def test_a_hung_reward_replica_is_replaced_and_its_batches_scored_once(ray_local
             ray_local.kill(h)
 
 
-@pytest.mark.parametrize("how", ["ray.kill", "exit"])
+@pytest.mark.parametrize("how", ["ray.kill", "exit", "oom"])
 def test_a_reward_replica_killed_mid_call_is_replaced_and_its_batch_scored_once(
     ray_local, tmp_path, caplog, how
 ):
     """ray.kill (no restart): the call fails and ScoringCalls replaces the replica; the
-    process exiting: Ray restarts the actor and retries the call itself."""
+    process exiting: Ray restarts the actor and retries the call itself; the call failing
+    with Ray's ``OutOfMemoryError`` (simulated: raised by the reward, not a real kill by
+    Ray's memory monitor, see tests/rl/test_ray_faults.py): replaced as if it died."""
     marker = tmp_path / "first-call"
-    reward = _faulty_reward(str(marker), "hang" if how == "ray.kill" else "exit")
+    reward = _faulty_reward(str(marker), {"ray.kill": "hang"}.get(how, how))
     handles = start_reward_services(reward, {}, replicas=1, num_cpus=0.5)
 
     def kill_once_busy():
@@ -391,8 +398,9 @@ def test_a_reward_replica_killed_mid_call_is_replaced_and_its_batch_scored_once(
             result = score_with_services(handles, x, PROMPTS[:4], ids, batch_size=2)
         _check_scored_once(ray_local, handles, result, x, PROMPTS[:4], ids)
         died = _warnings(caplog, "died (")
-        if how == "ray.kill":  # the call it was running counts the failure
+        if how != "exit":  # the call it was running counts the failure
             assert len(died) == 1 and "(samples k0..k1: failure 1 of 3)" in died[0]
+            assert how != "oom" or "OutOfMemoryError" in died[0]
         else:
             assert not died
     finally:
