@@ -114,6 +114,7 @@ class OomSampler(Sampler):
         return super().sample(requests, version, adapter)
 
 
+@pytest.mark.slow
 def test_a_sampler_killed_by_ray_for_memory_is_redrawn(
     plain_generator, plain_cfg, tmp_path, caplog
 ):
