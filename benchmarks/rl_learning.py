@@ -48,7 +48,7 @@ from tests.rl.conftest import EVAL_PROMPTS, PROMPTS, build_rl_generator, rl_conf
 
 DEFAULT_BATCH = ["rl.prompts_per_iteration=4", "rl.group_size=8", "rl.micro_batch=8"]
 CONFIGS = {
-    "medrl": [],
+    "medrl": ["rl.lr=5e-3"],  # the code's default (the demo preset sets its own rl.lr)
     "ddpo": [
         "rl.lr=3e-4",
         "rl.clip_range=1e-4",
