@@ -77,7 +77,17 @@ class RLConfig:
         "of its micro-batches; gradients accumulate within a step)",
         min=1,
     )
-    micro_batch: int = setting(8, "samples per learner forward pass (per rank)", min=1)
+    micro_batch: int = setting(
+        8, "samples per learner micro-batch (per rank): the unit of shuffling", min=1
+    )
+    steps_per_forward: int = setting(
+        2,
+        "DDIM steps of a micro-batch trained in one UNet call (UNet batch = micro_batch x "
+        "this, x2 with guidance): fewer, larger calls; the update is the same as one call "
+        "per step up to float summation order. Memory grows with it: 1 on a GPU near its "
+        "limit (configs/fundus-sd15.yaml)",
+        min=1,
+    )
     timestep_fraction: float = setting(
         1.0,
         "share of each trajectory's trainable DDIM steps (see min_noise_std) trained on",

@@ -149,6 +149,18 @@ def ppo_loss(
     return loss, stats
 
 
+@dataclass(frozen=True)
+class _DeviceShard:
+    """A rank's shard of one iteration on the learner's device (timesteps on the cpu)."""
+
+    latents: torch.Tensor  # (n, T + 1, C, h, w)
+    log_probs: torch.Tensor  # (n, T)
+    advantages: torch.Tensor  # (n,)
+    weights: torch.Tensor  # (n,)
+    cond: torch.Tensor  # (n, L, D) text embeddings
+    timesteps: torch.Tensor  # (T,)
+
+
 def _deepspeed_env(cpu_shm: bool) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -297,6 +309,7 @@ class Learner:
     def _noise_pred(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor
     ) -> torch.Tensor:
+        """The guided prediction, both halves of guidance in one UNet call."""
         g = self.sampling.guidance_scale
         model_in = self.scheduler.scale_model_input(x, t)
         if g == 1.0:
@@ -323,87 +336,123 @@ class Learner:
         cond = torch.stack([cache[p] for p in prompts])
         return cond, self._uncond.expand(len(prompts), -1, -1)
 
-    def train(self, batch: Trajectories, iteration: int, seed: int) -> dict[str, float]:
-        """Inner epochs over this rank's shard of ``batch``; returns mean statistics."""
-        from generators.sampling import ddim_step_with_logprob
+    def _on_device(self, shard: Trajectories, weights: torch.Tensor) -> _DeviceShard:
+        """This rank's shard on the learner's device, once per iteration, with the text
+        embedding of every row (each distinct prompt encoded once)."""
+        on = {"device": self.device, "non_blocking": True}
+        return _DeviceShard(
+            latents=shard.latents.to(**on),
+            log_probs=shard.log_probs.to(**on),
+            advantages=shard.advantages.to(**on),
+            weights=weights.to(**on),
+            cond=self._embeds(list(shard.prompts))[0],
+            timesteps=shard.timesteps.cpu(),
+        )
 
-        cfg, eta = self.cfg, self.sampling.eta
+    def train(self, batch: Trajectories, iteration: int, seed: int) -> dict[str, float]:
+        """Inner epochs over this rank's shard of ``batch``; returns mean statistics.
+
+        An optimizer step sums the losses of its micro-steps (micro-batch x DDIM step);
+        ``rl.steps_per_forward`` DDIM steps of a micro-batch share one UNet call, and the
+        gradient of their summed loss is the sum of theirs (the same update as one call per
+        step, up to float summation order).
+        """
+        cfg = self.cfg
         shard, weights = batch.shard(self.rank, self.world)
         n = len(shard)
         if n == 0:
             return {"updates": 0.0}
         rng = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
-        totals: dict[str, float] = {}
-        count = 0
         self.engine.train()
         eligible = self.trained_steps(batch.timesteps)
         plan = batch_plan(len(batch), self.world, cfg, len(eligible))
         if self.rank == 0 and plan != self.last_plan:  # stage 2 changes the sample count
             log.info("iteration %d batch: %s", iteration, plan.describe())
         self.last_plan = plan
-        per_sample, per_update = plan.steps_per_sample, plan.micro_per_update
-        texts = self._encode(shard.prompts)
+        data = self._on_device(shard, weights)
+        totals: dict[str, torch.Tensor] = {}
+        count = 0
         steps_before = self.optimizer_steps
+        k = cfg.steps_per_forward
         for _epoch in range(cfg.inner_epochs):
             order = torch.randperm(n, generator=rng)
             micro = list(order.split(cfg.micro_batch))
             assert len(micro) == plan.micro_batches and n == plan.per_rank, (plan, n)
-            for first in range(0, len(micro), per_update):
-                group = micro[first : first + per_update]
-                micro_steps = [
-                    (rows, j)
-                    for rows in group
-                    for j in eligible[torch.randperm(len(eligible), generator=rng)][
-                        :per_sample
-                    ].tolist()
+            for first in range(0, len(micro), plan.micro_per_update):
+                drawn = [
+                    (rows, eligible[torch.randperm(len(eligible), generator=rng)])
+                    for rows in micro[first : first + plan.micro_per_update]
                 ]
-                # one optimizer step per group: gradients accumulate over its micro-steps
-                for step_i, (rows, j) in enumerate(micro_steps):
-                    self.engine.set_gradient_accumulation_boundary(step_i == len(micro_steps) - 1)
-                    cond, uncond = self._embeds([shard.prompts[i] for i in rows.tolist()], texts)
-                    lat = shard.latents[rows].to(self.device)
-                    old = shard.log_probs[rows, j].to(self.device)
-                    adv = shard.advantages[rows].to(self.device)
-                    w = weights[rows].to(self.device)
-                    t_in = shard.timesteps[j].expand(len(rows)).to(self.device)
-                    x, x_next = lat[:, j], lat[:, j + 1]
-                    pred = self._noise_pred(x, t_in, cond, uncond)
-                    _, logp = ddim_step_with_logprob(
-                        self.scheduler, pred, t_in.cpu(), x, eta, prev_sample=x_next
-                    )
-                    loss, stats = ppo_loss(logp, old, adv, cfg.clip_range, w)
-                    if cfg.kl_weight > 0:
-                        kl = self._kl_to_base(pred, x, t_in, cond, uncond, w)
-                        loss = loss + cfg.kl_weight * kl
-                        stats["kl_to_base"] = kl.detach()
-                    self.engine.backward(loss / len(micro_steps), scale_wrt_gas=False)
-                    for k, v in {"loss": loss.detach(), **stats}.items():
-                        totals[k] = totals.get(k, 0.0) + float(v)
-                    count += 1
+                calls = [
+                    (rows, steps[i : min(i + k, plan.steps_per_sample)].tolist())
+                    for rows, steps in drawn
+                    for i in range(0, plan.steps_per_sample, k)
+                ]
+                micro_steps = len(drawn) * plan.steps_per_sample
+                # one optimizer step per group: gradients accumulate over its calls
+                for c, (rows, steps) in enumerate(calls):
+                    self.engine.set_gradient_accumulation_boundary(c == len(calls) - 1)
+                    losses = self._step_losses(data, rows, steps)
+                    total = torch.stack([loss for loss, _ in losses]).sum()
+                    self.engine.backward(total / micro_steps, scale_wrt_gas=False)
+                    for loss, stats in losses:
+                        for key, v in {"loss": loss.detach(), **stats}.items():
+                            totals[key] = totals[key] + v if key in totals else v
+                    count += len(losses)
                 self.engine.step()
                 self.optimizer_steps += 1
         assert self.optimizer_steps - steps_before == plan.optimizer_steps, plan
-        out = {k: v / max(count, 1) for k, v in totals.items()}
+        out = {key: float(v) / max(count, 1) for key, v in totals.items()}
         out["updates"] = float(self.optimizer_steps)
         out["optimizer_steps_iteration"] = float(plan.optimizer_steps)
         out["samples_per_rank"] = float(plan.per_rank)
         return out
 
-    def _kl_to_base(self, pred, x, t_in, cond, uncond, w) -> torch.Tensor:
+    def _step_losses(
+        self, data: _DeviceShard, rows: torch.Tensor, steps: list[int]
+    ) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """The loss and statistics of each micro-step ``(rows, j)`` for ``j`` in ``steps``,
+        from one UNet call over all of them (rows step by step: step s is rows
+        ``s * len(rows) ... (s + 1) * len(rows) - 1`` of the call)."""
+        from generators.sampling import ddim_step_with_logprob
+
+        cfg, eta, m = self.cfg, self.sampling.eta, len(rows)
+        j_cpu = torch.tensor(steps).repeat_interleave(m)
+        r, j = rows.repeat(len(steps)).to(self.device), j_cpu.to(self.device)
+        x, x_next = data.latents[r, j], data.latents[r, j + 1]
+        t_cpu = data.timesteps[j_cpu]
+        cond, uncond = data.cond[r], self._uncond.expand(len(r), -1, -1)
+        pred = self._noise_pred(x, t_cpu.to(self.device), cond, uncond)
+        _, logp = ddim_step_with_logprob(self.scheduler, pred, t_cpu, x, eta, prev_sample=x_next)
+        old, adv, w = data.log_probs[r, j], data.advantages[r], data.weights[r]
+        kl_rows = self._kl_rows(pred, x, t_cpu, cond, uncond) if cfg.kl_weight > 0 else None
+        out = []
+        for s in range(len(steps)):
+            seg = slice(s * m, (s + 1) * m)
+            loss, stats = ppo_loss(logp[seg], old[seg], adv[seg], cfg.clip_range, w[seg])
+            if kl_rows is not None:
+                kl = (kl_rows[seg] * w[seg]).sum() / w[seg].sum().clamp(min=1.0)
+                loss = loss + cfg.kl_weight * kl
+                stats["kl_to_base"] = kl.detach()
+            out.append((loss, stats))
+        return out
+
+    def _kl_rows(self, pred, x, t_cpu, cond, uncond) -> torch.Tensor:
+        """KL(N(mu_new, s) || N(mu_base, s)) of each row, mean over latent dims; mu_base
+        from the same UNet with its adapter disabled."""
         from generators.sampling import ddim_mean_std
 
         eta = self.sampling.eta
-        mean_new, std = ddim_mean_std(self.scheduler, pred, t_in.cpu(), x, eta)
+        mean_new, std = ddim_mean_std(self.scheduler, pred, t_cpu, x, eta)
         unet = self.engine.module
         unet.disable_adapters()
         try:
             with torch.no_grad():
-                base = self._noise_pred(x, t_in, cond, uncond)
+                base = self._noise_pred(x, t_cpu.to(x.device), cond, uncond)
         finally:
             unet.enable_adapters()
-        mean_base, _ = ddim_mean_std(self.scheduler, base, t_in.cpu(), x, eta)
-        per_row = ((mean_new - mean_base) ** 2 / (2 * std**2)).flatten(1).mean(1)
-        return (per_row * w).sum() / w.sum().clamp(min=1.0)
+        mean_base, _ = ddim_mean_std(self.scheduler, base, t_cpu, x, eta)
+        return ((mean_new - mean_base) ** 2 / (2 * std**2)).flatten(1).mean(1)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: Path) -> None:
