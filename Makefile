@@ -70,6 +70,7 @@ bench: install
 	$(BIN)/python benchmarks/reward_service.py
 	$(BIN)/python benchmarks/rl_iteration.py
 	$(BIN)/python benchmarks/workbench_load.py
+	$(BIN)/python benchmarks/anchors.py $(if $(TRL_RESULTS),--trl-results $(TRL_RESULTS))
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
