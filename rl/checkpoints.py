@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from rl.config import RLConfig, RLRun
-from rl.engine_state import check_engine_dir
+from rl.engine_state import check_engine_dir, save_rng_state
 from rl.gold import selection_score
-from rl.learner import Learner, save_rng_state
+from rl.learner import Learner
 from rl.records import finite
 from runfiles import (
     atomic_write_text,

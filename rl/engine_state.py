@@ -19,14 +19,19 @@ Loading reads these names only, through ``safetensors`` and ``json``, and refuse
 a checkpoint written by an older medrl) or a file that is not what its name says,
 naming the file (:class:`CheckpointFormatError`). The world size and ZeRO stage must be
 those the checkpoint was written with (ZeRO partitions the optimizer state per rank).
+
+The checkpoint's ``rng.json`` (Python's, NumPy's and torch's generator states as lists of
+ints: :func:`save_rng_state`) is JSON too.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from runfiles import atomic_write_text, check_format
@@ -248,3 +253,36 @@ def load_engine_state(engine: Any, ckpt: Path, rank: int, world: int, stage: int
         opt.load_state_dict(shards, load_optimizer_states=True, load_from_fp32_weights=True)
     for counter in COUNTERS:
         setattr(engine, counter, int(meta[counter]))
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def save_rng_state(path: Path) -> None:
+    """RNG states as JSON (lists of ints): nothing pickled."""
+    st = rng_state()
+    py = st["python"]
+    np_state = st["numpy"]
+    data = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": st["torch"].tolist(),
+    }
+    path.write_text(json.dumps(data))
+
+
+def load_rng_state(path: Path) -> None:
+    data = json.loads(path.read_text())
+    py = data["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = data["numpy"]
+    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
+    torch.set_rng_state(torch.tensor(data["torch"], dtype=torch.uint8))

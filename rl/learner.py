@@ -26,17 +26,13 @@ padded with zero-weight rows so that every rank takes the same number of steps.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
 from generators.config import LoraConfig, SamplingConfig
@@ -469,36 +465,3 @@ class Learner:
         from rl.engine_state import load_engine_state
 
         load_engine_state(self.engine, directory, self.rank, self.world, self.cfg.zero_stage)
-
-
-# --------------------------------------------------------------------------- RNG state
-
-
-def rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-
-
-def save_rng_state(path: Path) -> None:
-    """RNG states as JSON (lists of ints): nothing pickled."""
-    st = rng_state()
-    py = st["python"]
-    np_state = st["numpy"]
-    data = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "torch": st["torch"].tolist(),
-    }
-    path.write_text(json.dumps(data))
-
-
-def load_rng_state(path: Path) -> None:
-    data = json.loads(path.read_text())
-    py = data["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npst = data["numpy"]
-    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
-    torch.set_rng_state(torch.tensor(data["torch"], dtype=torch.uint8))

@@ -54,9 +54,10 @@ from rl.checkpoints import (
 )
 from rl.config import RLRun
 from rl.draw_ahead import DRAW_ADAPTERS, DrawAhead
+from rl.engine_state import load_rng_state
 from rl.gold import make_gold_judge
 from rl.inputs import iteration_requests
-from rl.learner import Learner, group_advantages, load_rng_state
+from rl.learner import Learner, group_advantages
 from rl.learners import make_learner, stage_of
 from rl.rollout import Backend, LocalBackend, evaluate_adapter, score_map
 from rl.samplers import SampleRequest
