@@ -23,6 +23,7 @@ and the weights, never on which other samples share its batch or which actor dre
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -178,12 +179,48 @@ def guided_noise_pred(
     """UNet prediction with classifier-free guidance (one batched forward for both halves)."""
     if uncond is None or guidance_scale == 1.0:
         return gen.unet(latents, t, encoder_hidden_states=cond).sample
+    return _guided(gen, latents, t, torch.cat([uncond, cond]), guidance_scale)
+
+
+def _guided(
+    gen: Generator,
+    latents: torch.Tensor,
+    t: torch.Tensor | int,
+    both: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """CFG with the embeddings already stacked as ``[uncond; cond]`` (one cat per batch)."""
     t_in = t if not torch.is_tensor(t) or t.dim() == 0 else torch.cat([t, t])
-    out = gen.unet(
-        torch.cat([latents, latents]), t_in, encoder_hidden_states=torch.cat([uncond, cond])
-    ).sample
+    out = gen.unet(torch.cat([latents, latents]), t_in, encoder_hidden_states=both).sample
     out_uncond, out_cond = out.chunk(2)
     return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+
+#: text encoder -> (weights key, {batch length: unconditional embeddings})
+_UNCOND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weights_key(module: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter is replaced, moved or written in place."""
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in module.parameters())
+
+
+def _unconditional_embeddings(gen: Generator, n: int) -> torch.Tensor:
+    """``gen.encode_prompts([""] * n)``, computed once per text-encoder state and length.
+
+    The cache follows the encoder's weights (pointer and in-place version of every
+    parameter), so a trained or moved text encoder is encoded afresh.
+    """
+    te = gen.text_encoder
+    key = _weights_key(te)
+    entry = _UNCOND.get(te)
+    if entry is None or entry[0] != key:
+        entry = (key, {})
+        _UNCOND[te] = entry
+    if n not in entry[1]:
+        with torch.inference_mode():
+            entry[1][n] = gen.encode_prompts([""] * n)
+    return entry[1][n]
 
 
 def _seeded_normal(
@@ -240,38 +277,49 @@ def sample(
     scheduler = gen.scheduler
     scheduler.set_timesteps(num_steps, device="cpu")
     timesteps = scheduler.timesteps.clone()
-    device = gen.device
-    dtype = gen.unet.dtype
-    c = gen.unet.config.in_channels
-    h = w = gen.latent_size
     chunks = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="sampling", disable=not progress, leave=False):
         bp, bs = prompts[start : start + batch_size], seeds[start : start + batch_size]
-        rngs = [torch.Generator("cpu").manual_seed(s) for s in bs]
-        cond = gen.encode_prompts(bp)
-        uncond = gen.encode_prompts([""] * len(bp)) if guidance_scale != 1.0 else None
-        latents = _seeded_normal(rngs, (c, h, w), device, dtype) * scheduler.init_noise_sigma
-        traj, logps = [latents.float().cpu()], []
-        for t in timesteps:
-            model_in = scheduler.scale_model_input(latents, t)
-            noise_pred = guided_noise_pred(
-                gen, model_in, t.to(device), cond, uncond, guidance_scale
-            )
-            noise = _seeded_normal(rngs, (c, h, w), device, dtype)
-            latents, logp = ddim_step_with_logprob(
-                scheduler, noise_pred, t, latents, eta, noise=noise
-            )
-            traj.append(latents.float().cpu())
-            logps.append(logp.float().cpu())
-        chunks.append(
-            SampleBatch(
-                images=decode_latents(gen, latents),
-                latents=torch.stack(traj, dim=1),
-                timesteps=timesteps,
-                log_probs=torch.stack(logps, dim=1),
-                prompts=bp,
-                seeds=bs,
-            )
-        )
+        chunks.append(_draw_batch(gen, bp, bs, timesteps, eta, guidance_scale))
+    # outside inference mode: the learner replays these tensors under autograd
     return SampleBatch.cat(chunks)
+
+
+@torch.inference_mode()
+def _draw_batch(
+    gen: Generator,
+    prompts: list[str],
+    seeds: list[int],
+    timesteps: torch.Tensor,
+    eta: float,
+    guidance_scale: float,
+) -> SampleBatch:
+    """One UNet batch of :func:`sample`; its tensors are inference tensors until cat."""
+    scheduler, device, dtype = gen.scheduler, gen.device, gen.unet.dtype
+    shape = (gen.unet.config.in_channels, gen.latent_size, gen.latent_size)
+    rngs = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    cond = gen.encode_prompts(prompts)
+    both = None
+    if guidance_scale != 1.0:
+        both = torch.cat([_unconditional_embeddings(gen, len(prompts)), cond])
+    latents = _seeded_normal(rngs, shape, device, dtype) * scheduler.init_noise_sigma
+    traj, logps = [latents.float().cpu()], []
+    for t, t_dev in zip(timesteps, timesteps.to(device), strict=True):
+        model_in = scheduler.scale_model_input(latents, t)
+        if both is None:
+            noise_pred = gen.unet(model_in, t_dev, encoder_hidden_states=cond).sample
+        else:
+            noise_pred = _guided(gen, model_in, t_dev, both, guidance_scale)
+        noise = _seeded_normal(rngs, shape, device, dtype)
+        latents, logp = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, noise=noise)
+        traj.append(latents.float().cpu())
+        logps.append(logp.float().cpu())
+    return SampleBatch(
+        images=decode_latents(gen, latents),
+        latents=torch.stack(traj, dim=1),
+        timesteps=timesteps,
+        log_probs=torch.stack(logps, dim=1),
+        prompts=prompts,
+        seeds=seeds,
+    )

@@ -160,3 +160,42 @@ def test_text_time_embedding_is_a_second_text_pathway(tiny_cfg):
             x, torch.tensor([500, 500]), encoder_hidden_states=gen.encode_prompts(prompts)
         ).sample
         assert (out[0] - out[1]).abs().max() < 1e-6
+
+
+def _reference_sample(gen, prompts, seeds, steps, eta, guidance):
+    """The plain loop sample() must reproduce bit for bit: per-batch encoding, per-step cat."""
+    from generators.sampling import _seeded_normal, decode_latents
+
+    sched = gen.scheduler
+    sched.set_timesteps(steps, device="cpu")
+    rngs = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    shape = (gen.unet.config.in_channels, gen.latent_size, gen.latent_size)
+    with torch.no_grad():
+        cond, uncond = gen.encode_prompts(prompts), gen.encode_prompts([""] * len(prompts))
+        x = _seeded_normal(rngs, shape, "cpu", torch.float32) * sched.init_noise_sigma
+        traj, logps = [x], []
+        for t in sched.timesteps:
+            eps = guided_noise_pred(gen, x, t, cond, uncond, guidance)
+            noise = _seeded_normal(rngs, shape, "cpu", torch.float32)
+            x, lp = ddim_step_with_logprob(sched, eps, t, x, eta, noise=noise)
+            traj.append(x)
+            logps.append(lp)
+        return torch.stack(traj, 1), torch.stack(logps, 1), decode_latents(gen, x)
+
+
+def test_sample_is_bit_identical_to_the_plain_loop(tiny_gen):
+    """Speed-ups (cached unconditional embedding, inference mode) change no value, and the
+    cache follows the text encoder's weights when they change in place."""
+    prompts, seeds = PROMPTS + PROMPTS[:1], [3, 4, 5]
+    for _ in range(2):
+        out = sample(
+            tiny_gen, prompts, seeds, num_steps=3, eta=1.0, guidance_scale=4.0, batch_size=2
+        )
+        for lo, hi in ((0, 2), (2, 3)):
+            lat, lp, img = _reference_sample(tiny_gen, prompts[lo:hi], seeds[lo:hi], 3, 1.0, 4.0)
+            assert torch.equal(out.latents[lo:hi], lat)
+            assert torch.equal(out.log_probs[lo:hi], lp)
+            assert torch.equal(out.images[lo:hi], img)
+        assert not out.latents.is_inference() and not out.images.is_inference()
+        with torch.no_grad():  # a trained text encoder: the cached "" embedding is stale
+            tiny_gen.text_encoder.embeddings.word_embeddings.weight.mul_(1.5)
