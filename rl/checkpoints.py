@@ -199,3 +199,21 @@ def export_adapter(learner: Learner, run_dir: Path, cfg: RLRun) -> Path:
             )
             log.info("RL adapter written to %s", out)
     return out
+
+
+class DriverGone(RuntimeError):
+    """This learner's driver no longer holds the run directory: nothing more is written."""
+
+
+def check_driver(run_dir: Path, token: str | None, rank: int) -> None:
+    """Collective: raise :class:`DriverGone` on every rank when rank 0 finds that the driver
+    which started this run no longer holds ``run_dir``'s lock (``token``, read at the
+    start; None: the run holds no lock, e.g. the single-process loop). Asked before each
+    checkpoint: Ray's workers can outlive a driver killed with SIGKILL, and must not
+    commit beside the driver that reruns the command."""
+    from runfiles import holder_gone
+
+    why = holder_gone(run_dir, token) if rank == 0 and token else ""
+    why = broadcast(why)
+    if why:
+        raise DriverGone(f"{why}: this learner stops without writing")

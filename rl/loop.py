@@ -47,6 +47,7 @@ from rl.checkpoints import (
     BestAdapter,
     adapter_digest,
     broadcast,
+    check_driver,
     commit_rl_checkpoint,
     export_adapter,
     latest_checkpoint,
@@ -62,7 +63,7 @@ from rl.learners import make_learner, stage_of
 from rl.rollout import Backend, LocalBackend, evaluate_adapter, score_map
 from rl.samplers import SampleRequest
 from rl.trajectories import Trajectories
-from runfiles import METRICS_FILE, append_metrics, is_number, read_latest
+from runfiles import METRICS_FILE, append_metrics, is_number, lock_token, read_latest
 from runfiles.config import to_dict
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ def run_iterations(
     rl = cfg.rl
     run_dir = Path(inputs["run_dir"])
     ckpt_root = run_dir / RL_DIR / CHECKPOINTS_DIR
+    token = lock_token(run_dir) if learner.rank == 0 else None  # the driver's, at the start
     start, records = resume(learner, ckpt_root, cfg.run.name), []
     report = IterationLog(run_dir, cfg.run.name, use_ray) if learner.rank == 0 else None
     gold, best = judges(cfg, inputs, learner) if learner.rank == 0 else (None, None)
@@ -175,7 +177,7 @@ def run_iterations(
             done = k + 1
             empty = 0 if len(batch) else empty + 1
             if len(batch) and (done % rl.checkpoint_every == 0 or done == rl.iterations):
-                save_checkpoint(learner, ckpt_root, done, cfg, ahead)
+                save_checkpoint(learner, ckpt_root, done, cfg, ahead, token)
             record: dict[str, Any] = {"iteration": k}
             if learner.rank == 0:
                 eval_images = iteration_record(record, evaluation, drawn, stats)
@@ -370,10 +372,17 @@ def judges(cfg: RLRun, inputs: dict[str, Any], learner: Learner) -> tuple[Any, B
 
 
 def save_checkpoint(
-    learner: Learner, ckpt_root: Path, done: int, cfg: RLRun, ahead: DrawAhead | None = None
+    learner: Learner,
+    ckpt_root: Path,
+    done: int,
+    cfg: RLRun,
+    ahead: DrawAhead | None = None,
+    token: str | None = None,
 ) -> Path:
     """Collective: the checkpoint after ``done`` iterations (what :func:`resume` reads),
-    with the adapters that draw the iterations still pending (rank 0's ``ahead``)."""
+    with the adapters that draw the iterations still pending (rank 0's ``ahead``); first,
+    :func:`check_driver` (the driver that took the run's lock with ``token`` still holds it)."""
+    check_driver(ckpt_root.parent.parent, token, learner.rank)  # runs/<name>/rl/checkpoints
     state = {
         "iterations_done": done,
         "optimizer_steps": learner.optimizer_steps,

@@ -32,7 +32,7 @@ from runfiles.files import (
     staged_folder,
     write_latest,
 )
-from runfiles.lock import LOCK_FILE, RunDirInUse, hold_run_dir
+from runfiles.lock import LOCK_FILE, RunDirInUse, hold_run_dir, holder_gone, lock_token
 from runfiles.metrics import METRICS_FILE, append_metrics, is_number, read_metrics
 
 __all__ = [
@@ -50,6 +50,8 @@ __all__ = [
     "clean_temporaries",
     "commit_folder",
     "hold_run_dir",
+    "holder_gone",
+    "lock_token",
     "list_checkpoints",
     "prune_checkpoints",
     "read_latest",

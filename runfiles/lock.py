@@ -204,3 +204,27 @@ def hold_run_dir(run_dir: str | os.PathLike) -> Iterator[Path]:
     ends, by an error too. RunDirInUse (a FileExistsError) when another process holds it."""
     with RunDirLock(run_dir):
         yield Path(run_dir)
+
+
+def lock_token(run_dir: str | os.PathLike) -> str | None:
+    """The token of ``run_dir``'s lock as it is now (None: no lock, or unreadable)."""
+    holder = _read(Path(run_dir) / LOCK_FILE)
+    return holder.get("token") if holder else None
+
+
+def holder_gone(run_dir: str | os.PathLike, token: str) -> str:
+    """Why the driver that held ``run_dir``'s lock with ``token`` no longer does ("" while
+    it does): the lock is gone or another's, or its process on this host has ended.
+
+    A process of that driver's run (a learner rank) asks before it writes: Ray's workers can
+    outlive a driver killed with SIGKILL by the rest of an iteration."""
+    path = Path(run_dir) / LOCK_FILE
+    holder = _read(path)
+    if not holder or holder.get("token") != token:
+        return f"{path} is no longer this run's driver's lock (taken over, or removed)"
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int):
+        same_boot = holder.get("boot_id", "") in ("", _boot_id())
+        if not same_boot or not _pid_running(pid):
+            return f"the driver that holds {path} (pid {pid} on this host) has ended"
+    return ""

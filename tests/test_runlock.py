@@ -130,6 +130,25 @@ def test_the_lock_is_released_by_an_error_and_a_changed_lock_is_left(tmp_path: P
     assert (run / LOCK_FILE).is_file() and "no longer this process's" in caplog.text
 
 
+def test_a_learner_knows_when_its_driver_no_longer_holds_the_lock(tmp_path: Path):
+    """runfiles.holder_gone, what rl's check_driver asks before each checkpoint: Ray's
+    workers can outlive a driver killed with SIGKILL by the rest of an iteration."""
+    from runfiles import holder_gone, lock_token
+
+    run = tmp_path / "run"
+    host, boot = socket.gethostname(), rl_lock._boot_id()
+    assert lock_token(run) is None  # no lock: the single-process loop checks nothing
+    plant(run, pid=os.getpid(), host=host, boot_id=boot, token="t1")
+    assert lock_token(run) == "t1" and holder_gone(run, "t1") == ""  # driver alive
+    assert "no longer this run's driver's lock" in holder_gone(run, "t0")  # taken over
+    plant(run, pid=dead_pid(), host=host, boot_id=boot, token="t1")
+    assert "has ended" in holder_gone(run, "t1")  # the driver was killed
+    plant(run, pid=dead_pid(), host="another-host", boot_id="b", token="t1")
+    assert holder_gone(run, "t1") == ""  # another host's pid cannot be checked from here
+    (run / LOCK_FILE).unlink()
+    assert "removed" in holder_gone(run, "t1")
+
+
 def test_without_hard_links_the_lock_is_created_exclusively(tmp_path: Path, monkeypatch):
     def no_link(a, b):
         raise OSError(1, "Operation not permitted")  # EPERM: a file system without links
