@@ -284,8 +284,12 @@ def test_a_lost_node_moves_its_samplers_and_reward_replicas_to_a_surviving_one(
     class Watched(RayBackend):
         def _score_chunk(self, part):
             seen.extend(part.ids)
-            first.set()
+            if lose.is_set() and not first.is_set():  # A dies before the draw goes on
+                first.set()
+                cluster.remove_node(node_a, allow_graceful=False)
             super()._score_chunk(part)
+
+    lose = threading.Event()
 
     adapter = _adapter(plain_generator, plain_cfg)
     if ray.is_initialized():
@@ -305,20 +309,17 @@ def test_a_lost_node_moves_its_samplers_and_reward_replicas_to_a_surviving_one(
         ref_scores = backend.score(reference)
         plain_s = time.perf_counter() - t0
         seen.clear()
-        first.clear()
-
-        def lose_node_a():
-            if first.wait(120):
-                cluster.remove_node(node_a, allow_graceful=False)
-
-        thread = threading.Thread(target=lose_node_a, daemon=True)
-        thread.start()
+        lose.set()
         t0 = time.perf_counter()
         traj = backend.draw(requests, 1, adapter)
         scores = backend.score(traj)
         lost_s = time.perf_counter() - t0
-        thread.join(timeout=60)
-        alive = [n for n in ray.nodes() if n["Alive"]]
+        assert first.is_set()  # the node was removed mid-draw, after its first chunk
+        deadline = time.monotonic() + 120  # until Ray has declared A dead
+        while len(alive := [n for n in ray.nodes() if n["Alive"]]) > 2:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1)
         infos = ray.get([h.info.remote() for h in [*samplers, *backend.rewards]], timeout=120)
     finally:
         ray.shutdown()
