@@ -97,7 +97,7 @@ def summarise(rows: list[dict]) -> dict[str, float]:
 def _mean_sd(values: list[float], fmt: str = "+.3f") -> str:
     if len(values) < 2:
         return format(values[0], fmt)
-    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):.3f}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt.lstrip('+')}}"
 
 
 def print_table(results: dict[str, list[dict]]) -> None:
