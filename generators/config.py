@@ -215,6 +215,17 @@ class FinetuneConfig:
         min=0.0,
         max=1.0,
     )
+    align_weight: float = setting(
+        0.0,
+        "Feature-Aligned Diffusion: weight of the alignment of the UNet's down-block features "
+        "to the expert's (finetune.align_expert) added to the denoising loss (0: off)",
+        min=0.0,
+    )
+    align_expert: str = setting(
+        "",
+        "the expert of finetune.align_weight: a selector checkpoint directory, or a "
+        "reward-models directory holding selector/; empty: <run dir>/rewards",
+    )
     checkpoint_every: int = setting(500, "steps between checkpoints", min=1)
     keep_checkpoints: int = setting(
         2, "checkpoints kept on disk (oldest deleted after a newer is committed)", min=1

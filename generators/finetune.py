@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from generators.config import DataConfig, FinetuneConfig, ModelConfig, SamplingConfig
+from generators.feature_align import Alignment, FeatureExpert
 from generators.images import make_grid, save_png, to_uint8
 from generators.lora import (
     ADAPTER_NAME,
@@ -119,7 +120,7 @@ def _trainable(gen: Generator, cfg: FinetuneConfig) -> list[dict]:
 
 
 def _save_step(
-    tmp: Path, gen: Generator, cfg: FinetuneConfig, opt, sched, step: int, config_dict
+    tmp: Path, gen: Generator, cfg: FinetuneConfig, opt, sched, step: int, config_dict, align
 ) -> None:
     if cfg.mode == "lora":
         save_file(get_adapter_state(gen.unet), str(tmp / "lora.safetensors"))
@@ -133,6 +134,8 @@ def _save_step(
             {k: v.contiguous() for k, v in gen.text_encoder.state_dict().items()},
             str(tmp / "text_encoder.safetensors"),
         )
+    if align is not None:
+        align.save(tmp)
     torch.save(
         {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
         tmp / "state.pt",
@@ -141,7 +144,7 @@ def _save_step(
     (tmp / "step.json").write_text(json.dumps({"step": step}))
 
 
-def _load_step(path: Path, gen: Generator, cfg: FinetuneConfig, opt, sched) -> int:
+def _load_step(path: Path, gen: Generator, cfg: FinetuneConfig, opt, sched, align) -> int:
     if cfg.mode == "lora":
         if not (path / "lora.safetensors").is_file():
             raise ValueError(
@@ -156,6 +159,8 @@ def _load_step(path: Path, gen: Generator, cfg: FinetuneConfig, opt, sched) -> i
         gen.unet.load_state_dict(load_file(str(path / "unet.safetensors")))
     if cfg.train_text_encoder:
         gen.text_encoder.load_state_dict(load_file(str(path / "text_encoder.safetensors")))
+    if align is not None:
+        align.load(path)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
@@ -198,6 +203,7 @@ def finetune(
     device: str = "auto",
     resolved_config: Mapping | None = None,
     data: ImageTextData | None = None,
+    expert: FeatureExpert | None = None,
 ) -> FinetuneResult:
     """Fine-tune (VAE if needed, then UNet) and write the generator into ``run_dir``.
 
@@ -210,7 +216,15 @@ def finetune(
 
     Rerunning with the same ``run_dir`` resumes from its latest checkpoint; ``ft.steps``
     is the total, so a finished run with more steps continues where it stopped.
+
+    ``ft.align_weight > 0`` adds Feature-Aligned Diffusion's term towards ``expert``'s
+    features (:mod:`generators.feature_align`; the CLI loads ``ft.align_expert``).
     """
+    if ft.align_weight > 0 and expert is None:
+        raise ValueError(
+            f"finetune.align_weight={ft.align_weight} aligns to an expert, but none was given "
+            "(set finetune.align_expert to a selector or reward-models directory)"
+        )
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir = Path(run_dir)
@@ -226,12 +240,13 @@ def finetune(
     writer = SummaryWriter(str(run_dir / "tb"))
     metrics: list[dict] = []
     _vae_stage(gen, data, ft, seed, dev, writer, metrics, ckpt_root)
-    groups, opt, sched, start = _unet_training_state(gen, ft, ckpt_root)
+    align = Alignment(gen.unet, expert, ft.align_weight, seed) if ft.align_weight > 0 else None
+    groups, opt, sched, start = _unet_training_state(gen, ft, ckpt_root, align)
     grid_prompts = sorted(set(data.texts))[:8]
     loss_value = float("nan")
     bar = tqdm(range(start, ft.steps), desc="UNet", initial=start, total=ft.steps, leave=False)
     for step in bar:
-        loss = _unet_step(gen, data, ft, seed, step, dev, groups, opt, sched)
+        loss = _unet_step(gen, data, ft, seed, step, dev, groups, opt, sched, align)
         done = step + 1
         loss_value = loss.item()
         if done % ft.log_every == 0 or done == ft.steps:
@@ -246,7 +261,9 @@ def finetune(
             commit_checkpoint(
                 ckpt_root,
                 f"step-{done:06d}",
-                lambda tmp, done=done: _save_step(tmp, gen, ft, opt, sched, done, config_dict),
+                lambda tmp, done=done: _save_step(
+                    tmp, gen, ft, opt, sched, done, config_dict, align
+                ),
                 keep=ft.keep_checkpoints,
             )
         _flush_metrics(run_dir, metrics)
@@ -304,13 +321,16 @@ def _vae_stage(
 
 
 def _unet_training_state(
-    gen: Generator, ft: FinetuneConfig, ckpt_root: Path
+    gen: Generator, ft: FinetuneConfig, ckpt_root: Path, align: Alignment | None
 ) -> tuple[list[dict], torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int]:
-    """Stage 2's setup: the LoRA adapter (lora mode), the parameter groups, optimizer and
-    warmup schedule, resumed from the latest checkpoint; (groups, opt, sched, start step)."""
+    """Stage 2's setup: the LoRA adapter (lora mode), the parameter groups (W_p's with the
+    UNet's learning rate when aligning), optimizer and warmup schedule, resumed from the
+    latest checkpoint; (groups, opt, sched, start step)."""
     if ft.mode == "lora":
         attach_lora(gen.unet, ft.lora)
     groups = _trainable(gen, ft)
+    if align is not None:
+        groups.append({"params": list(align.head.parameters()), "lr": ft.lr, "name": "align"})
     opt = torch.optim.AdamW(groups, weight_decay=ft.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, ft.warmup_steps))
@@ -318,7 +338,7 @@ def _unet_training_state(
     start = 0
     latest = read_latest(ckpt_root)
     if latest is not None:
-        start = _load_step(latest, gen, ft, opt, sched)
+        start = _load_step(latest, gen, ft, opt, sched, align)
         log.info("resuming from %s at step %d", latest, start)
     gen.unet.train()
     if ft.train_text_encoder:
@@ -336,9 +356,11 @@ def _unet_step(
     groups: list[dict],
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LambdaLR,
+    align: Alignment | None = None,
 ) -> torch.Tensor:
     """One optimizer step of the noise-prediction loss (captions dropped at
-    ``ft.text_dropout``), every draw from step ``step``'s generator; returns the loss."""
+    ``ft.text_dropout``) plus ``align``'s term, every draw from step ``step``'s generator;
+    returns the loss."""
     scheduler = gen.scheduler
     g = step_generator(seed, step)
     idx = batch_indices(len(data), ft.batch_size, g)
@@ -354,6 +376,8 @@ def _unet_step(
             cond = gen.encode_prompts(texts)
     pred = gen.unet(noised.noisy, noised.t, encoder_hidden_states=cond).sample
     loss = denoising_error(pred, noised).mean()
+    if align is not None:
+        loss = loss + align.weight * align.loss(scheduler, x.to(dev), noised.t, g)[0]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if ft.grad_clip > 0:

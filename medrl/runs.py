@@ -62,9 +62,17 @@ def finetune_run(cfg: RunConfig, run_dir: Path | None = None):
         with open_run(cfg) as opened:
             return finetune_run(cfg, opened)
     sections = (cfg.model, cfg.data, cfg.finetune, cfg.sampling)
+    expert = None
+    if cfg.finetune.align_weight > 0:  # generators cannot load a reward model: it is handed in
+        from generators.model import resolve_device
+        from rewards.scorers import load_selector
+
+        where = cfg.finetune.align_expert or run_dir / "rewards"
+        expert = load_selector(where, "finetune.align_expert", resolve_device(cfg.run.device))
     return finetune(
-        run_dir, *sections, seed=cfg.run.seed, device=cfg.run.device, resolved_config=to_dict(cfg)
-    )
+        run_dir, *sections, seed=cfg.run.seed, device=cfg.run.device,
+        resolved_config=to_dict(cfg), expert=expert,
+    )  # fmt: skip
 
 
 def print_proxy_and_gold(records: list[dict], run_dir: Path) -> None:

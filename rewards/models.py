@@ -181,6 +181,11 @@ class QualitySelector(RewardModel):
     def image_size(self) -> int:
         return int(self.vit.config.image_size)
 
+    @property
+    def feature_dim(self) -> int:
+        """Width of :meth:`features` (generators.feature_align's expert)."""
+        return pooled_size(self.vit.config.hidden_size, self.pooling)
+
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [-1, 1] -> (B, hidden): pooled final-LayerNorm tokens."""
         return pool_tokens(

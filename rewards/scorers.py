@@ -248,6 +248,23 @@ class RewardModelScorer(BatchedReward):
         return selector_features(self.models.selector, images, self.batch_size)
 
 
+def load_selector(
+    path: str | os.PathLike, key: str, device: str | torch.device = "cpu"
+) -> QualitySelector:
+    """The quality selector at ``path`` (a selector checkpoint directory, or a reward-models
+    directory holding ``selector/``), frozen in eval mode: Feature-Aligned Diffusion's
+    expert. A path holding neither is a FileNotFoundError naming ``key``."""
+    path = Path(path)
+    for folder in (path, path / "selector"):
+        if (folder / META_FILE).is_file():
+            model = QualitySelector.from_pretrained(folder, device)
+            return model.requires_grad_(False).eval()
+    raise FileNotFoundError(
+        f"{key}: {path} holds no quality selector (expected a selector checkpoint directory "
+        "or the output directory of `medrl rewards train`, holding selector/)"
+    )
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
     try:
         return json.loads((path / META_FILE).read_text())

@@ -147,15 +147,17 @@ class RLConfig:
     keep_checkpoints: int = setting(
         2, "checkpoints kept (older ones deleted after a commit)", min=1
     )
-    algorithm: Literal["ddpo", "filter_retrain", "dpo"] = setting(
+    algorithm: Literal["ddpo", "filter_retrain", "dpo", "feature_align"] = setting(
         "ddpo",
         'how the learner learns from the rewarded samples (docs/rl.md, "Learners"): ddpo '
         "(policy gradient), filter_retrain (supervised fine-tuning on the samples that pass "
-        "the reward's gate, mixed with real pairs), dpo (Diffusion-DPO on preference pairs)",
+        "the reward's gate, mixed with real pairs), dpo (Diffusion-DPO on preference pairs), "
+        "feature_align (filter_retrain plus Feature-Aligned Diffusion's alignment of the "
+        "UNet's down-block features to the selector's)",
     )
     real_share: float = setting(
         0.25,
-        "filter_retrain: share of each supervised micro-batch drawn from the "
+        "filter_retrain, feature_align: share of each supervised micro-batch drawn from the "
         "real image-text pairs of data.manifest (train split); 0: only kept samples",
         min=0.0,
         max=1.0,
@@ -171,6 +173,17 @@ class RLConfig:
         "dpo: where preference pairs come from: rewards = each iteration's samples, paired "
         "within a prompt's group by reward; ratings = the expert ratings store "
         "(rewards.ratings_db: same prompt, different ratings)",
+    )
+    align_weight: float = setting(
+        1.0,
+        "feature_align: weight of the alignment term -cos(W_p f_selector(x_t), "
+        "pool(f_down(x_t))) added to the supervised loss (the paper's w2)",
+        min=0.0,
+    )
+    align_expert: str = setting(
+        "",
+        "feature_align: the expert whose features the UNet aligns to: a selector checkpoint "
+        "directory, or a reward-models directory holding selector/; empty: rl.reward's",
     )
     max_empty_iterations: int = setting(
         3,

@@ -222,7 +222,7 @@ class Learner:
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             attach_lora(self.gen.unet, lora)
-        params = lora_parameters(self.gen.unet)
+        params = lora_parameters(self.gen.unet) + self._extra_trainable(seed)
         self.num_trainable = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         ds_config = {  # accumulation is driven by train() (set_gradient_accumulation_boundary)
@@ -254,20 +254,25 @@ class Learner:
         self.last_plan: BatchPlan | None = None
         self._uncond: torch.Tensor | None = None
 
+    def _extra_trainable(self, seed: int) -> list[torch.nn.Parameter]:
+        """Parameters trained beside the LoRA (none here): a subclass registers their module
+        on ``self.gen.unet`` so that the engine's optimizer, gradient clipping, ZeRO
+        partitioning and checkpoints (:mod:`rl.engine_state`) hold them as the adapter's;
+        the exported adapter (peft's keys) never does."""
+        return []
+
     # ------------------------------------------------------------------ adapter
     def gathered(self):
-        """Context in which the LoRA weights are whole on this rank (ZeRO-3 partitions them)."""
+        """Context in which the trained weights are whole on this rank (ZeRO-3 partitions
+        them)."""
         import contextlib
 
         if self.cfg.zero_stage != 3:
             return contextlib.nullcontext()
         import deepspeed
 
-        from generators.lora import lora_parameters
-
-        return deepspeed.zero.GatheredParameters(
-            lora_parameters(self.engine.module), modifier_rank=None
-        )
+        trained = [p for p in self.engine.module.parameters() if p.requires_grad]
+        return deepspeed.zero.GatheredParameters(trained, modifier_rank=None)
 
     def adapter_config(self):
         """The peft LoRA config of the trained adapter (no weights: no collective)."""

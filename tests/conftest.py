@@ -35,6 +35,14 @@ def rl_generator_dir(tmp_path_factory):
     return build_rl_generator(tmp_path_factory.mktemp("rlgen"))
 
 
+@pytest.fixture(scope="session")
+def tiny_selector_dir(tmp_path_factory):
+    """A tiny random quality selector, the feature-alignment tests' expert, once."""
+    from tests.rl.conftest import build_tiny_selector
+
+    return build_tiny_selector(tmp_path_factory.mktemp("selector"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _ray_down_at_the_end():
     """Ray's driver connection closed before the interpreter finalizes (a module fixture

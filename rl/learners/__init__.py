@@ -10,6 +10,8 @@ hands them (:func:`stage_of`).
 - ``filter_retrain``: supervised fine-tuning on the samples that pass the reward's gate,
   mixed with real pairs (:mod:`rl.learners.filter_retrain`).
 - ``dpo``: Diffusion-DPO on preference pairs (:mod:`rl.learners.dpo`).
+- ``feature_align``: ``filter_retrain`` plus Feature-Aligned Diffusion's alignment of the
+  UNet's down-block features to the quality selector's (:mod:`rl.learners.feature_align`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from rl.config import RLConfig, RLRun
 from rl.learner import Learner
 
 #: algorithms that train only on the samples passing the reward's gate, every iteration
-GATED = ("filter_retrain",)
+GATED = ("filter_retrain", "feature_align")
 
 
 def learner_class(algorithm: str) -> type[Learner]:
@@ -38,6 +40,10 @@ def learner_class(algorithm: str) -> type[Learner]:
         from rl.learners.dpo import DPOLearner
 
         return DPOLearner
+    if algorithm == "feature_align":
+        from rl.learners.feature_align import FeatureAlignLearner
+
+        return FeatureAlignLearner
     raise ValueError(f"rl.algorithm: unknown learner {algorithm!r}")
 
 

@@ -89,3 +89,15 @@ def build_rl_generator(root: Path, vae_steps: int = 120) -> Path:
     finally:
         torch.set_num_threads(threads)
     return gen.save(root / "generator")
+
+
+def build_tiny_selector(root: Path) -> Path:
+    """A tiny quality selector (tests/rewards' 32 px one-layer ViT, random weights) saved
+    under ``root``: the expert of the feature-alignment tests."""
+    from rewards.models import QualitySelector
+    from tests.rewards.conftest import tiny_rewards_cfg
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        selector = QualitySelector.from_config(tiny_rewards_cfg())
+    return selector.save_pretrained(root / "selector")

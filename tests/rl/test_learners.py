@@ -24,6 +24,7 @@ def test_the_algorithm_is_a_validated_choice_and_picks_the_learner(tmp_path):
     assert learner_class("ddpo") is Learner
     assert issubclass(learner_class("filter_retrain"), FilterRetrainLearner)
     assert learner_class("dpo") is DPOLearner
+    assert learner_class("feature_align").__name__ == "FeatureAlignLearner"
     # which samples each trains on: DDPO gates from stage2_start, filter_retrain always,
     # DPO never (it needs the losers)
     rl = rl_config(tmp_path, "rl.stage2_start=2").rl
@@ -32,6 +33,8 @@ def test_the_algorithm_is_a_validated_choice_and_picks_the_learner(tmp_path):
     dpo = rl_config(tmp_path, "rl.algorithm=dpo").rl
     assert [stage_of(fr, k) for k in range(3)] == [2, 2, 2]
     assert [stage_of(dpo, k) for k in range(3)] == [1, 1, 1]
+    fa = rl_config(tmp_path, "rl.algorithm=feature_align").rl
+    assert [stage_of(fa, k) for k in range(3)] == [2, 2, 2]
 
 
 def test_reward_pairs_pair_best_with_worst_within_a_prompt():
@@ -138,14 +141,24 @@ def test_dpo_prefers_the_winners_on_held_out_noise(rl_generator_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "algorithm", [("filter_retrain", "rl.real_share=0.25", "rl.reward=spatial:0.45"), ("dpo",)]
-)
-def test_checkpoints_resume_like_ddpo(algorithm, rl_generator_dir, tmp_path):
+    "algorithm",
+    [
+        ("filter_retrain", "rl.real_share=0.25", "rl.reward=spatial:0.45"),
+        ("dpo",),
+        (
+            "feature_align", "rl.real_share=0.25", "rl.reward=spatial:0.45",
+            "rl.align_expert={selector}",
+        ),
+    ],
+)  # fmt: skip
+def test_checkpoints_resume_like_ddpo(algorithm, rl_generator_dir, tiny_selector_dir, tmp_path):
     """As DDPO's (test_learning.py): a run interrupted after iteration 0's checkpoint and
     resumed by a fresh learner (another initial adapter, another global RNG state) ends
-    with the adapter and records of the uninterrupted run. filter_retrain mixes in real
-    pairs here, so their draws resume too."""
+    with the adapter and records of the uninterrupted run. filter_retrain and
+    feature_align mix in real pairs here, so their draws resume too; feature_align's W_p
+    (trained beside the adapter, not in it) resumes with it."""
     name, *extra = algorithm
+    extra = [e.format(selector=tiny_selector_dir) for e in extra]
     torch.set_num_threads(1)
     manifest = rl_generator_dir.parent / "data" / "manifest.parquet"
     common = (
@@ -172,6 +185,11 @@ def test_checkpoints_resume_like_ddpo(algorithm, rl_generator_dir, tmp_path):
     for k in state_a:
         torch.testing.assert_close(state_b[k], state_a[k], rtol=0, atol=1e-6, msg=k)
     assert whole_learner.optimizer_steps == learner.optimizer_steps == 3 * 4
+    if name == "feature_align":
+        assert whole_learner.head.weight.abs().sum() > 0
+        torch.testing.assert_close(
+            learner.head.weight, whole_learner.head.weight, rtol=0, atol=1e-6
+        )
 
 
 def test_rating_pairs_are_same_prompt_different_ratings(tmp_path):
