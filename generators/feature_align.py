@@ -1,4 +1,5 @@
-"""Feature-Aligned Diffusion (FAD, section IV of the paper): the alignment term that
+"""Feature-Aligned Diffusion (FAD; L. Nair, "Improved Generation of Synthetic Imaging Data
+Using Feature-Aligned Diffusion", section IV): the alignment term that
 ``medrl finetune`` (``finetune.align_weight``) and ``rl.algorithm=feature_align`` add to
 the supervised denoising loss.
 
@@ -12,17 +13,18 @@ noise prediction gives the features too: no second UNet call):
     L_align = -cos(W_p f_expert(x_t^pix), pool(f_down(z_t, t, c)))        (eq. 4)
     L       = L_noise + align_weight * L_align                              (eq. 5, w1 = 1)
 
-What the expert sees, in latent diffusion: the clean image x_0 in pixels (real pairs'
-pixels; a sample's final latent decoded once by the VAE), resized to the expert's input
-side, then noised with the diffusion's own schedule at the same timestep t as the latent,
+What the expert sees, in latent diffusion: the clean image x_0 in pixels (in finetune the
+training pixels; in RL the micro-batch's clean latents decoded by the VAE, one decode per
+step without gradients), resized to the expert's input side, then noised with the
+diffusion's own schedule at the same timestep t as the latent,
 ``x_t^pix = sqrt(a_t) x_0 + sqrt(1 - a_t) eps_pix`` (:func:`noisy_pixels`: the scheduler's
 ``add_noise``), fresh pixel noise. This is the paper's eq. 1 applied to the image the
 expert was trained on, so the expert reads an image at the same noise level as the UNet's
-latent; decoding the noisy latent z_t instead would hand it the decoder's rendering of
-latent noise, which neither it nor the decoder was trained on, at the same cost (one
-VAE decode, none in finetune where the pixels are in hand). The pixel noise is another
-draw than the latent noise (no map carries one to the other), so the two views share
-x_0, t and the noise level, not the noise itself.
+latent. Decoding the noisy latent z_t instead would hand it the decoder's rendering of
+latent noise, which neither it nor the decoder was trained on, at the same cost in RL and
+at a decode per step in finetune, where this costs none. The pixel noise is another draw
+than the latent noise (no map carries one to the other), so the two views share x_0, t
+and the noise level, not the noise itself.
 
 W_p is training-only: the exported adapter never holds it, and the expert is not needed
 to sample (the paper: alignment is applied only during fine-tuning).
