@@ -1,7 +1,8 @@
 """medrl against the reference kit's anchors, on the kit's fixed tiny model, in one process.
 
     python benchmarks/anchors.py [--reps 10] [--learner-reps 5] [--trl-results DIR] \
-        [--kit DIR] [--threads 2] [--only sampler|learner] [--json FILE]
+        [--kit DIR] [--threads 2] [--only sampler|learner] [--json FILE] \
+        [--sampler-variants medrl,unmerged,compiled]
 
 The model is the kit's (``benchmarks/anchor_model.py`` rebuilds it; with the kit present its
 weights are checked against the kit's manifest): UNet 32/64 with cross-attention, 16x16
@@ -11,6 +12,8 @@ Timed in this process, interleaved (who goes first alternates), after one warm-u
 - **sampler**: medrl's :class:`rl.samplers.Sampler` (trajectory and per-step log-probs)
   against diffusers' plain ``StableDiffusionPipeline.__call__`` with the same LoRA;
   reported as medrl images/s over plain images/s, the median of the per-repetition ratios;
+  ``--sampler-variants`` times several medrl settings against it in the same rounds
+  (:data:`VARIANTS`; each one's first draw, with ``compile`` the compilation, apart);
 - **learner**: :meth:`rl.learner.Learner.train` on one batch of 8 of medrl's samples with the
   kit's DDPO settings (8 samples x 10 timesteps, one AdamW step) against a plain DDPO step
   written on diffusers (one CFG UNet forward and backward per timestep, as trl 0.23.1's
@@ -49,13 +52,14 @@ KIT = Path(
 SAMPLES_X_STEPS = am.BATCH * am.STEPS
 
 
-def _lora_and_sampling():
+def _lora_and_sampling(**options):
+    """The kit's LoRA and sampling settings; ``options``: other ``sampling.*`` keys."""
     from generators.config import LoraConfig, SamplingConfig
 
     lora = LoraConfig(rank=am.LORA["r"], alpha=float(am.LORA["lora_alpha"]),
                       target_modules=tuple(am.LORA["target_modules"]), init="gaussian")  # fmt: skip
     sampling = SamplingConfig(
-        num_steps=am.STEPS, eta=am.ETA, guidance_scale=am.GUIDANCE, batch_size=am.BATCH
+        num_steps=am.STEPS, eta=am.ETA, guidance_scale=am.GUIDANCE, batch_size=am.BATCH, **options
     )
     return lora, sampling
 
@@ -75,13 +79,14 @@ def plain_pipeline(gen_dir: Path):
     return pipe
 
 
-def medrl_sampler(gen_dir: Path):
-    """medrl's Sampler with the kit's LoRA; returns (sampler, draw) where draw() takes one
-    batch of the kit's 8 prompts with trajectories and log-probs."""
+def medrl_sampler(gen_dir: Path, **options):
+    """medrl's Sampler with the kit's LoRA (``options``: ``sampling.*`` keys such as
+    ``merge_lora``, ``compile``); returns (sampler, draw) where draw() takes one batch of the
+    kit's 8 prompts with trajectories and log-probs."""
     from generators.lora import get_adapter_state
     from rl.samplers import Sampler, SampleRequest
 
-    lora, sampling = _lora_and_sampling()
+    lora, sampling = _lora_and_sampling(**options)
     sampler = Sampler(str(gen_dir), lora, sampling, device="cpu")
     state = [get_adapter_state(sampler.gen.unet)]
     calls = [0]
@@ -118,9 +123,19 @@ def paired(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
-def bench_sampler(gen_dir: Path, reps: int) -> dict:
+#: medrl sampler settings ``--sampler-variants`` can time: name -> ``sampling.*`` keys
+VARIANTS = {
+    "medrl": {},
+    "unmerged": {"merge_lora": False},
+    "compiled": {"compile": True},
+}
+
+
+def bench_sampler(gen_dir: Path, reps: int, variants: list[str]) -> dict:
+    """Plain diffusers + LoRA and medrl's sampler with each of ``variants``
+    (:data:`VARIANTS`), interleaved; each sampler's first draw (with ``compile``: the
+    compilation) is timed on its own. The first variant's figures are also at the top."""
     pipe = plain_pipeline(gen_dir)
-    _, draw = medrl_sampler(gen_dir)
     gen = torch.Generator().manual_seed(0)
 
     def plain():
@@ -128,12 +143,24 @@ def bench_sampler(gen_dir: Path, reps: int) -> dict:
             return pipe(prompt=am.PROMPTS, num_inference_steps=am.STEPS, guidance_scale=am.GUIDANCE,
                         eta=am.ETA, output_type="pt", generator=gen).images  # fmt: skip
 
-    t = interleaved({"plain": plain, "medrl": draw}, reps)
+    fns, out = {"plain": plain}, {}
+    for name in variants:
+        sampler, fns[name] = medrl_sampler(gen_dir, **VARIANTS[name])
+        t0 = time.perf_counter()
+        fns[name]()
+        out[name] = {"options": {**VARIANTS[name], "compiled": sampler.compiled},
+                     "first_draw_s": time.perf_counter() - t0}  # fmt: skip
+    t = interleaved(fns, reps)
+    for name in variants:
+        out[name]["images_per_s"] = am.BATCH / statistics.median(t[name])
+        # medrl images/s over plain images/s = plain time over medrl time, per repetition
+        out[name]["over_plain_images_per_s"] = paired(t["plain"], t[name])
+    first = out[variants[0]]
     return {
         "plain_images_per_s": am.BATCH / statistics.median(t["plain"]),
-        "medrl_images_per_s": am.BATCH / statistics.median(t["medrl"]),
-        # medrl images/s over plain images/s = plain time over medrl time, per repetition
-        "medrl_over_plain_images_per_s": paired(t["plain"], t["medrl"]),
+        "medrl_images_per_s": first["images_per_s"],
+        "medrl_over_plain_images_per_s": first["over_plain_images_per_s"],
+        "variants": out,
         "reps": reps,
     }
 
@@ -241,6 +268,10 @@ def report(result: dict) -> None:
         print(f"sampler: medrl {s['medrl_images_per_s']:.2f} images/s, plain diffusers + LoRA "
               f"{s['plain_images_per_s']:.2f}; medrl / plain (paired median of {s['reps']}) "
               f"{s['medrl_over_plain_images_per_s']:.3f}  (target >= 1.05)")  # fmt: skip
+        for name, v in s["variants"].items():
+            print(f"  {name} {v['options']}: medrl / plain {v['over_plain_images_per_s']:.3f}, "
+                  f"{v['images_per_s']:.2f} images/s; first draw (with compile: the "
+                  f"compilation) {v['first_draw_s']:.1f} s")  # fmt: skip
         if "trl_over_plain_images_per_s" in trl:
             print(
                 f"  trl 0.23.1 sampler / plain (kit run): {trl['trl_over_plain_images_per_s']:.3f}"
@@ -272,7 +303,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the kit's: 2)")
     ap.add_argument("--only", choices=["sampler", "learner"], default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
+    ap.add_argument("--sampler-variants", default="medrl",
+                    help="comma list of medrl sampler settings timed against plain in one "
+                    "process: medrl (the defaults), unmerged (sampling.merge_lora=false), "
+                    "compiled (sampling.compile=true)")  # fmt: skip
     args = ap.parse_args()
+    variants = args.sampler_variants.split(",")
+    if unknown := sorted(set(variants) - set(VARIANTS)):
+        ap.error(f"--sampler-variants: unknown {unknown}; known: {sorted(VARIANTS)}")
     import logging
 
     logging.disable(logging.WARNING)
@@ -286,7 +324,7 @@ def main() -> None:
                         "weights": am.check_against_kit(gen_dir, args.kit),
                         "load_before": round(os.getloadavg()[0], 2)}  # fmt: skip
         if args.only in (None, "sampler"):
-            result["sampler"] = bench_sampler(gen_dir, args.reps)
+            result["sampler"] = bench_sampler(gen_dir, args.reps, variants)
         if args.only in (None, "learner"):
             result["learner"] = bench_learner(gen_dir, args.learner_reps)
     result["load_after"] = round(os.getloadavg()[0], 2)

@@ -187,6 +187,20 @@ class SamplingConfig:
     )
     guidance_scale: float = setting(5.0, "classifier-free guidance scale (1: no guidance)", min=1.0)
     batch_size: int = setting(8, "images per forward pass", min=1)
+    merge_lora: bool = setting(
+        True,
+        "RL samplers: fold the LoRA adapter into the UNet's weights once per adapter version "
+        "(peft merge; the base weights are restored exactly before the next) instead of "
+        "adding it beside every layer in every step: ~5% more images/s on the anchor model, "
+        "recorded log-probs within 1e-6 of the learner's unmerged recomputation",
+    )
+    compile: bool = setting(
+        False,
+        "RL samplers: torch.compile the UNet (inductor; needs a C++ compiler on CPU). Each "
+        "sampler compiles on its first draw (~80 s per process on 2 CPU cores, ~20 s with "
+        "torch's on-disk cache warm), then draws ~1.2x the images/s on the anchor model; a "
+        "failed compile draws eagerly after one warning",
+    )
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -206,6 +207,53 @@ def merge_lora(unet: torch.nn.Module) -> None:
         raise ValueError("merge_lora: the UNet has no LoRA adapter")
     unet.fuse_lora(lora_scale=1.0)
     unet.unload_lora()
+
+
+class FoldedAdapter:
+    """The UNet's adapter folded into the base weights of its layers while drawing.
+
+    :meth:`fold` is peft's merge (each layer then computes ``(W + s B A) x`` in one
+    product instead of adding ``s B A x`` beside it); :meth:`unfold` writes back copies of
+    the base weights taken when this was made, so the base stays bit-identical however many
+    adapter versions pass through (peft's unmerge subtracts the product again, which leaves
+    float rounding behind each time). Change the adapter's weights only while unfolded
+    (:meth:`unfolded`). Memory: one copy of every adapted layer's base weight.
+    """
+
+    def __init__(self, unet: torch.nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        if not self.layers:
+            raise ValueError("FoldedAdapter: the UNet has no LoRA layer")
+        if any(m.merged for m in self.layers):
+            raise ValueError("FoldedAdapter: the UNet's adapter is already merged")
+        self.base = [m.get_base_layer().weight.detach().clone() for m in self.layers]
+        self.folded = False
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        if not self.folded:
+            for m in self.layers:
+                m.merge()
+            self.folded = True
+
+    @torch.no_grad()
+    def unfold(self) -> None:
+        if self.folded:
+            for m, w in zip(self.layers, self.base, strict=True):
+                m.unmerge()
+                m.get_base_layer().weight.copy_(w)
+            self.folded = False
+
+    @contextlib.contextmanager
+    def unfolded(self) -> Iterator[None]:
+        """Unfolded inside, folded again on the way out (also when the body raises)."""
+        self.unfold()
+        try:
+            yield
+        finally:
+            self.fold()
 
 
 @torch.no_grad()

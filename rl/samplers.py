@@ -68,11 +68,28 @@ class Sampler:
         self.version = -1
         self.calls = 0
         self.fetches = 0  # adapter versions applied (one per new version)
+        self.folded = None
+        if sampling.merge_lora:
+            from generators.lora import FoldedAdapter
+
+            self.folded = FoldedAdapter(self.gen.unet)
+            self.folded.fold()
+        self.compiled = False
+        if sampling.compile:
+            from generators.compiling import compile_in_place
+
+            self.compiled = compile_in_place(self.gen.unet)
 
     def set_adapter(self, version: int, state: dict[str, torch.Tensor]) -> None:
+        """Apply adapter ``version``; with ``sampling.merge_lora`` the old adapter is taken
+        out of the base weights first and the new one (or, if ``state`` is refused, the old
+        one) folded in again."""
+        import contextlib
+
         from generators.lora import set_adapter_state
 
-        set_adapter_state(self.gen.unet, state)  # checks everything before writing
+        with self.folded.unfolded() if self.folded else contextlib.nullcontext():
+            set_adapter_state(self.gen.unet, state)  # checks everything before writing
         self.version = version
 
     def sample(
@@ -83,8 +100,6 @@ class Sampler:
         The reference sits inside a list so that Ray does not fetch the weights for calls
         that already hold this version.
         """
-        from generators.sampling import sample
-
         if version != self.version:
             state = adapter[0]
             if not isinstance(state, dict):
@@ -94,16 +109,7 @@ class Sampler:
             self.set_adapter(version, state)  # raises before writing if anything is off
             self.fetches += 1
         self.calls += 1
-        s = self.sampling
-        out = sample(
-            self.gen,
-            [r.prompt for r in requests],
-            [r.seed for r in requests],
-            num_steps=s.num_steps,
-            eta=s.eta,
-            guidance_scale=s.guidance_scale,
-            batch_size=s.batch_size,
-        )
+        out = self._draw(requests)
         return Trajectories(
             ids=[r.sample_id for r in requests],
             prompts=out.prompts,
@@ -116,12 +122,37 @@ class Sampler:
             meta={"pid": os.getpid()},
         )
 
+    def _draw(self, requests: Sequence[SampleRequest]):
+        """:func:`generators.sampling.sample`; a compiled UNet that fails is made eager
+        (one warning) and the call drawn again: each sample's noise comes from its seed, so
+        the redraw is what the first try would have drawn."""
+        from generators.sampling import sample
+
+        s = self.sampling
+        args = ([r.prompt for r in requests], [r.seed for r in requests])
+        kwargs = dict(num_steps=s.num_steps, eta=s.eta, guidance_scale=s.guidance_scale,
+                      batch_size=s.batch_size)  # fmt: skip
+        if not self.compiled:
+            return sample(self.gen, *args, **kwargs)
+        try:
+            return sample(self.gen, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a real fault fails again eagerly
+            from generators.compiling import make_eager
+
+            what = str(exc).strip().split("\n\n")[0].replace("\n", " ")  # torch's hints follow
+            log.warning("sampling.compile: the compiled UNet failed (%s: %s); drawing eagerly",
+                        type(exc).__name__, what)  # fmt: skip
+            make_eager(self.gen.unet)
+            self.compiled = False
+            return sample(self.gen, *args, **kwargs)
+
     def info(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
             "version": self.version,
             "calls": self.calls,
             "fetches": self.fetches,
+            "compiled": self.compiled,
         }
 
 
