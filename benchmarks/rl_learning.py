@@ -3,6 +3,8 @@ defaults against DDPO's published ones, measured in the same run.
 
     OMP_NUM_THREADS=1 python benchmarks/rl_learning.py                  # ~5 min on 2 CPU cores
     python benchmarks/rl_learning.py --seeds 0,1,2,3,4 --control        # + a no-signal run
+    python benchmarks/rl_learning.py --only dpo,control --control-of dpo \
+        --config dpo="rl.algorithm=dpo rl.dpo_beta=200"                  # another learner
 
 The generator is the RL tests' one (tests/rl/conftest.py: 32 px demo model, VAE trained
 120 steps on phantoms, UNet untrained), built once into --generator. Each run is the
@@ -20,9 +22,9 @@ Settings compared (``--config NAME="k=v k=v"`` adds more):
   5, one pass, every DDIM step), on the same LoRA, with one optimizer step per iteration
   (32 images): DDPO takes one per 256 images, so this gives it 8x more steps than it
   would take;
-- ``--control``: medrl's settings with the training rewards replaced by uniform random
-  numbers (the evaluation still scores the spatial reward): how far the held-out reward
-  drifts without a learning signal.
+- ``--control``: medrl's settings (or ``--control-of NAME``'s) with the training rewards
+  replaced by uniform random numbers (the evaluation still scores the spatial reward): how
+  far the held-out reward drifts without a learning signal.
 """
 
 from __future__ import annotations
@@ -61,17 +63,23 @@ CONFIGS = {
 
 
 class RandomTrainingRewards:
-    """The reward with its training scores replaced by uniform random numbers."""
+    """The reward with its training scores replaced by uniform random numbers, and which
+    training samples pass the gate shuffled (as many pass, chosen at random), so a gated
+    learner (filter_retrain) gets no signal either."""
 
     def __init__(self, inner, seed: int):
         self.inner, self.gen = inner, torch.Generator().manual_seed(seed)
+        self.shuffle = torch.Generator().manual_seed(seed + 1_000_003)
 
     def score(self, images, prompts, ids):
         result = self.inner.score(images, prompts, ids)
-        for sid, s in result.scores.items():
-            if not sid.startswith("eval"):
-                r = float(torch.rand((), generator=self.gen))
-                result.scores[sid] = replace(s, reward=r, quality=r)
+        train = [sid for sid in result.scores if not sid.startswith("eval")]
+        passed = [result.scores[sid].passed for sid in train]
+        order = torch.randperm(len(train), generator=self.shuffle).tolist()
+        for k, sid in enumerate(train):
+            r = float(torch.rand((), generator=self.gen))
+            s = result.scores[sid]
+            result.scores[sid] = replace(s, reward=r, quality=r, passed=passed[order[k]])
         return result
 
 
@@ -106,6 +114,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--eval-images", type=int, default=16)
     parser.add_argument("--control", action="store_true", help="add the random-reward run")
+    parser.add_argument(
+        "--control-of", default="medrl", metavar="NAME", help="the setting the control runs"
+    )
     parser.add_argument("--only", default="", help="run only these settings (comma-separated)")
     parser.add_argument(
         "--config", action="append", default=[], metavar='NAME="k=v ..."',
@@ -120,7 +131,7 @@ def main() -> None:
         configs[name] = overrides.split()
     runs = [(name, ov, False) for name, ov in configs.items()]
     if args.control:
-        runs.append(("control", CONFIGS["medrl"], True))
+        runs.append(("control", configs[args.control_of], True))
     if args.only:
         runs = [r for r in runs if r[0] in args.only.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
