@@ -168,6 +168,13 @@ class RLConfig:
         "hold to the adapter-disabled reference)",
         min=0.0,
     )
+    denoise_states: Literal["trajectory", "forward"] = setting(
+        "trajectory",
+        "filter_retrain, dpo: the states of a drawn sample their denoising loss is taken at: "
+        "trajectory = those its DDIM trajectory visited (target: the noise relating each to "
+        "its final latent); forward = its final latent noised afresh at a timestep of the "
+        'whole training schedule, as medrl finetune does (docs/rl.md, "Learners")',
+    )
     dpo_pairs: Literal["rewards", "ratings"] = setting(
         "rewards",
         "dpo: where preference pairs come from: rewards = each iteration's samples, paired "

@@ -12,6 +12,9 @@ hands them (:func:`stage_of`).
 - ``dpo``: Diffusion-DPO on preference pairs (:mod:`rl.learners.dpo`).
 - ``feature_align``: ``filter_retrain`` plus Feature-Aligned Diffusion's alignment of the
   UNet's down-block features to the quality selector's (:mod:`rl.learners.feature_align`).
+
+The denoising learners share :class:`rl.learners.base.RunLearner` (their constructor
+and the states their losses are taken at, ``rl.denoise_states``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
 """``rl.algorithm=dpo``: Diffusion-DPO (Wallace et al. 2023) on preference pairs.
 
-For a pair of latents (x_w preferred to x_l) under the same prompt c, one noise eps and
-one timestep t are drawn and both are noised with them; with the denoising errors
+For a pair of samples (x_w preferred to x_l) under the same prompt c, both are taken at
+one timestep t, at states x_t with targets eps (``rl.denoise_states``,
+:mod:`rl.learners.base`: for drawn samples by default the states their DDIM trajectories
+visited, at every trained DDIM step, with the noise relating each to its final latent; for
+rated images, or ``forward``, the final latents noised with one fresh noise at one
+timestep of the training schedule); with the denoising errors
 
     e_theta(x) = || eps - eps_theta(x_t, t, c) ||^2     (the LoRA'd UNet)
     e_ref(x)   = || eps - eps_ref(x_t, t, c) ||^2       (the same UNet, adapter disabled)
@@ -13,7 +17,7 @@ other one, with no reward model in the gradient.
 
 Pairs (``rl.dpo_pairs``): ``rewards``: each iteration's samples, within each prompt's
 group the best against the worst, the second best against the second worst, and so on
-(ties skipped), their final latents x_0 as drawn; ``ratings``: the expert ratings store
+(ties skipped), with their DDIM trajectories as drawn; ``ratings``: the expert ratings store
 ``rewards.ratings_db`` (images under ``rewards.images_root``), every two images of the
 same prompt with different ratings (:func:`rewards.rating_data.rating_targets`: each
 rater's latest rating, averaged over raters), their latents drawn from the VAE's
@@ -33,9 +37,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from generators.training_common import denoising_error, encode_latents, noise_latents, noised_at
+from generators.training_common import (
+    NoisedLatents,
+    denoising_error,
+    encode_latents,
+    noise_latents,
+    noised_at,
+)
 from rl.config import RLRun
-from rl.learner import Learner
+from rl.learners.base import RunLearner
 from rl.trajectories import Trajectories
 
 
@@ -114,7 +124,7 @@ def adapter_disabled(unet: Any) -> Iterator[None]:
         unet.enable_adapters()
 
 
-class DPOLearner(Learner):
+class DPOLearner(RunLearner):
     """``rl.algorithm=dpo`` (see the module docstring)."""
 
     def __init__(
@@ -125,17 +135,17 @@ class DPOLearner(Learner):
         device: torch.device | str = "cpu",
         seed: int = 0,
     ):
-        super().__init__(generator_dir, run.lora, run.sampling, run.rl, device=device, seed=seed)
+        super().__init__(generator_dir, run, inputs, device=device, seed=seed)
         self.rated = rating_pairs(run) if run.rl.dpo_pairs == "ratings" else None
 
     def _pair_latents(
         self, batch: Trajectories, pairs: list[tuple[int, int]], rng: torch.Generator
     ) -> tuple[torch.Tensor, list[str]]:
-        """Latents ``[winners; losers]`` of ``pairs`` and their prompts."""
+        """``[winners; losers]`` of ``pairs`` and their prompts: drawn samples' trajectories
+        (2P, T + 1, C, h, w), or rated images' latents (2P, C, h, w)."""
         rows = [w for w, _ in pairs] + [lo for _, lo in pairs]
         if self.rated is None:
-            prompts = [batch.prompts[i] for i in rows]
-            return batch.latents[rows, -1].to(self.device), prompts
+            return batch.latents[rows], [batch.prompts[i] for i in rows]
         x = self.rated.images[rows].float().div(127.5).sub(1.0)
         return encode_latents(self.gen.vae, x, rng), [self.rated.prompts[i] for i in rows]
 
@@ -162,7 +172,8 @@ class DPOLearner(Learner):
             take = order[(s * per_step + torch.arange(per_step)) % len(mine)].tolist()
             latents, prompts = self._pair_latents(batch, [mine[i] for i in take], rng)
             w = torch.tensor([weights[i] for i in take], device=self.device)
-            loss, stats = self._dpo_step(latents, prompts, w, rng)
+            noised, prompts, w = self._noised_pairs(latents, prompts, w, batch.timesteps, rng)
+            loss, stats = self._dpo_step(noised, prompts, w)
             for k, v in {"loss": loss, **stats}.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         out = {k: v / steps for k, v in totals.items()}
@@ -170,13 +181,38 @@ class DPOLearner(Learner):
         out["dpo_pairs"] = float(len(pairs))
         return out
 
+    def _noised_pairs(
+        self,
+        latents: torch.Tensor,
+        prompts: list[str],
+        w: torch.Tensor,
+        timesteps: torch.Tensor,
+        rng: torch.Generator,
+    ) -> tuple[NoisedLatents, list[str], torch.Tensor]:
+        """The pairs ``[winners; losers]`` noised, with their prompts and pair weights.
+
+        Drawn samples under ``rl.denoise_states=trajectory``: every pair at each trained
+        DDIM step, both images at the states their trajectories visited (as DDPO takes
+        every trained step of a sample in one optimizer step); otherwise one timestep per
+        pair and one noise shared by its two images."""
+        p = len(latents) // 2
+        if latents.dim() == 5 and self.cfg.denoise_states == "trajectory":
+            steps = self.trained_steps(timesteps)
+            k = len(steps)
+            won, lost = latents.chunk(2)
+            rows = torch.cat([won.repeat(k, 1, 1, 1, 1), lost.repeat(k, 1, 1, 1, 1)])
+            j = steps.repeat_interleave(p).repeat(2)
+            noised = self.noised_samples(rows, timesteps, rng, steps=j)
+            return noised, prompts[:p] * k + prompts[p:] * k, w.repeat(k)
+        x0 = (latents[:, -1] if latents.dim() == 5 else latents).to(self.device)
+        half = noise_latents(self.scheduler, x0.chunk(2)[0], rng)
+        noised = noised_at(self.scheduler, x0, half.noise.repeat(2, 1, 1, 1), half.t.repeat(2))
+        return noised, prompts, w
+
     def _dpo_step(
-        self, latents: torch.Tensor, prompts: list[str], w: torch.Tensor, rng: torch.Generator
+        self, noised: NoisedLatents, prompts: list[str], w: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One optimizer step on the pairs ``latents = [winners; losers]``: one noise and one
-        timestep per pair, shared by its two images."""
-        half = noise_latents(self.scheduler, latents.chunk(2)[0], rng)
-        noised = noised_at(self.scheduler, latents, half.noise.repeat(2, 1, 1, 1), half.t.repeat(2))
+        """One optimizer step on the noised pairs ``[winners; losers]``."""
         cond, uncond = self._embeds(prompts)
         with torch.no_grad():
             with adapter_disabled(self.engine.module):

@@ -2,13 +2,12 @@
 
 Each iteration the loop draws samples, scores them and hands the learner only those whose
 reward passes the gate (the selector's ``rewards.threshold``; a pixel reward's
-``spatial:<t>``). The learner fine-tunes the LoRA on them with the supervised denoising
-loss of ``medrl finetune`` (:func:`generators.training_common.noise_latents`,
-:func:`~generators.training_common.denoising_error`): a kept sample's final latent x_0 is
-noised at a random timestep t and the UNet predicts the noise,
+``spatial:<t>``). The learner fine-tunes the LoRA on them with a supervised denoising
+loss: at a state x_t of a kept sample (``rl.denoise_states``, :mod:`rl.learners.base`:
+by default a state its DDIM trajectory visited, with the noise eps that relates it to the
+sample's final latent x_0) the UNet predicts that noise,
 
-    loss = sum_i w_i * || eps_i - eps_theta(sqrt(a_t) x0_i + sqrt(1 - a_t) eps_i, t, c_i) ||^2
-           / sum_i w_i
+    loss = sum_i w_i * || eps_i - eps_theta(x_t_i, t_i, c_i) ||^2 / sum_i w_i
 
 where eps_theta is the guided prediction the samplers draw with, eps_u + g (eps_c - eps_u)
 (``sampling.guidance_scale``; :meth:`Learner._noise_pred`), as DDPO's loss is: the LoRA
@@ -17,9 +16,10 @@ the same way.
 
 over micro-batches of ``rl.micro_batch`` rows, ``round(rl.real_share * micro_batch)`` of
 them real image-text pairs from data.manifest (their latents drawn from the VAE's
-posterior) and the rest kept samples, cycled in a shuffled order. An iteration takes
-``rl.updates_per_epoch * rl.inner_epochs`` optimizer steps, DDPO's count at the same
-settings, so the two spend the same sample and step budget.
+posterior, noised as ``medrl finetune`` does: they have no trajectory) and the rest kept
+samples, cycled in a shuffled order. An iteration takes ``rl.updates_per_epoch *
+rl.inner_epochs`` optimizer steps, DDPO's count at the same settings, so the two spend the
+same sample and step budget.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ from generators.training_common import (
     noise_latents,
 )
 from rl.config import RLRun
-from rl.learner import Learner
+from rl.learners.base import RunLearner, joined
 from rl.trajectories import Trajectories
 
 
-class SupervisedLearner(Learner):
+class SupervisedLearner(RunLearner):
     """A :class:`Learner` whose step is the supervised denoising loss on kept samples plus
     a share of real pairs (:meth:`extra_loss` adds to it in subclasses)."""
 
@@ -55,7 +55,7 @@ class SupervisedLearner(Learner):
         device: torch.device | str = "cpu",
         seed: int = 0,
     ):
-        super().__init__(generator_dir, run.lora, run.sampling, run.rl, device=device, seed=seed)
+        super().__init__(generator_dir, run, inputs, device=device, seed=seed)
         self.real = real_pairs(run) if run.rl.real_share > 0 else None
 
     def micro_rows(self) -> tuple[int, int]:
@@ -78,16 +78,16 @@ class SupervisedLearner(Learner):
         totals: dict[str, float] = {}
         for s in range(steps):
             rows = order[(s * n_kept + torch.arange(n_kept)) % len(shard)]
-            latents = shard.latents[rows, -1].to(self.device)
+            noised = self.noised_samples(shard.latents[rows], shard.timesteps, rng)
             cond, _ = self._embeds([shard.prompts[i] for i in rows.tolist()], texts)
             w = weights[rows].to(self.device)
             if n_real:
                 x, real_texts = self.real.batch(batch_indices(len(self.real), n_real, rng))
-                latents = torch.cat([latents, encode_latents(self.gen.vae, x, rng)])
+                real = noise_latents(self.scheduler, encode_latents(self.gen.vae, x, rng), rng)
+                noised = joined([noised, real])
                 with torch.no_grad():
                     cond = torch.cat([cond, self.gen.encode_prompts(real_texts)])
                 w = torch.cat([w, torch.ones(n_real, device=self.device)])
-            noised = noise_latents(self.scheduler, latents, rng)
             uncond = self._uncond.expand(len(cond), -1, -1)
             pred = self._noise_pred(noised.noisy, noised.t, cond, uncond)
             sft = (denoising_error(pred, noised) * w).sum() / w.sum().clamp(min=1e-8)

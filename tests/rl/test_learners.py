@@ -1,14 +1,20 @@
 """The learners ``rl.algorithm`` chooses (rl/learners): the choice and its dispatch, the
-direction of each learner's step on fixed held-out noise, and checkpoints that resume
-like DDPO's (tests/rl/test_learning.py)."""
+states their denoising losses are taken at, the held-out pixel reward each raises, and
+checkpoints that resume like DDPO's (tests/rl/test_learning.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.rl.conftest import EVAL_PROMPTS, PROMPTS, rl_config
-from tests.rl.test_learning import _checkpoint_listing, _Interrupt, _interrupt_at, _run
+from tests.rl.conftest import EVAL_PROMPTS, rl_config
+from tests.rl.test_learning import (
+    DEFAULT_BATCH,
+    _checkpoint_listing,
+    _Interrupt,
+    _interrupt_at,
+    _run,
+)
 
 
 def test_the_algorithm_is_a_validated_choice_and_picks_the_learner(tmp_path):
@@ -57,87 +63,59 @@ def test_dpo_loss_by_hand():
     assert stats["dpo_accuracy"].item() == 1.0
 
 
-def _drawn_batch(learner, cfg, generator_dir):
-    """Four samples (two per prompt, fixed seeds) and the adapter they were drawn with."""
-    from rl.samplers import Sampler, SampleRequest
+def test_trajectory_states_are_the_visited_ones(rl_generator_dir, tmp_path):
+    """rl.denoise_states=trajectory: a row is taken at the state x_t its trajectory visited
+    at a trained DDIM step, with the target that takes x_t to its final latent; forward:
+    the final latent noised afresh (not a visited state)."""
+    from dataclasses import replace
 
-    sampler = Sampler(str(generator_dir), cfg.lora, cfg.sampling, device="cpu")
-    requests = [SampleRequest(f"s{i}", PROMPTS[i // 2], 100 + i) for i in range(4)]
-    return sampler.sample(requests, 0, [learner.adapter_state()])
-
-
-def _errors(learner, latents, prompts, seed=99, adapter=True):
-    """Per-sample denoising error of the guided prediction on fixed noise and timesteps
-    (``seed``: never the training draws)."""
-    from generators.training_common import denoising_error, noise_latents
-    from rl.learners.dpo import adapter_disabled
-
-    noised = noise_latents(learner.scheduler, latents, torch.Generator().manual_seed(seed))
-    cond, uncond = learner._embeds(list(prompts))
-    with torch.no_grad():
-        if adapter:
-            pred = learner._noise_pred(noised.noisy, noised.t, cond, uncond)
-        else:
-            with adapter_disabled(learner.engine.module):
-                pred = learner._noise_pred(noised.noisy, noised.t, cond, uncond)
-    return denoising_error(pred, noised)
-
-
-def _mean_errors(learner, latents, prompts, adapter=True, draws=8):
-    return torch.stack(
-        [_errors(learner, latents, prompts, 1000 + s, adapter) for s in range(draws)]
-    ).mean(0)
-
-
-def test_filter_retrain_fits_the_kept_samples_not_the_dropped(rl_generator_dir, tmp_path):
-    """One filter_retrain iteration on the two samples that passed the gate lowers their
-    denoising error (fixed held-out noise) by more than MARGIN more than the two dropped
-    samples' error drops (their images are alike: the rest of the drop is learning to
-    denoise at all; measured: kept 0.056 and 0.081, dropped 0.049 and 0.076)."""
     from rl.learners import make_learner
 
-    MARGIN = 0.002
+    torch.set_num_threads(1)
+    learner = make_learner(rl_config(tmp_path, "rl.algorithm=dpo"), rl_generator_dir, {})
+    timesteps = learner.scheduler.timesteps.clone()
+    traj = torch.randn(3, len(timesteps) + 1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    steps = learner.trained_steps(timesteps)[torch.tensor([0, 2, 1])]
+    noised = learner.noised_samples(traj, timesteps, torch.Generator(), steps=steps)
+    assert torch.equal(noised.t, timesteps[steps])
+    torch.testing.assert_close(noised.noisy, traj[torch.arange(3), steps], atol=1e-5, rtol=0)
+    a = learner.scheduler.alphas_cumprod[noised.t].view(-1, 1, 1, 1)
+    x0 = (noised.noisy - (1 - a).sqrt() * noised.target) / a.sqrt()  # DDIM's x_0 prediction
+    torch.testing.assert_close(x0, traj[:, -1], atol=1e-4, rtol=0)
+    learner.cfg = replace(learner.cfg, denoise_states="forward")
+    forward = learner.noised_samples(traj, timesteps, torch.Generator().manual_seed(1))
+    assert not torch.allclose(forward.noisy, traj[torch.arange(3), steps], atol=1e-2)
+    torch.testing.assert_close(forward.latents, traj[:, -1])
+
+
+def _gain(cfg, generator_dir) -> tuple[float, str]:
+    records, _ = _run(cfg, generator_dir, EVAL_PROMPTS * 4)
+    evals = [r["eval_reward"] for r in records]
+    return evals[-1] - evals[0], " ".join(f"{e:.4f}" for e in evals)
+
+
+@pytest.mark.slow
+def test_dpo_raises_held_out_spatial_reward(rl_generator_dir, tmp_path):
+    """DPO on each iteration's reward pairs (4 prompts x 8 images, 16 pairs) raises the
+    spatial reward of 16 held-out images (test_learning.py's evaluation: prompts never
+    trained on, fixed seeds) by at least MARGIN in 12 iterations.
+
+    Measured with these settings (docs/rl.md, "Learners"; benchmarks/rl_learning.py):
+    run seeds 0-4 gain +0.032, +0.032, +0.029, +0.024, +0.045 (mean 0.032); this test runs
+    seed 0. With the training rewards replaced by random numbers (no signal, same
+    settings) the same evaluation moved +0.011, -0.009, +0.003 (seeds 0-2). MARGIN = 0.02
+    is above every no-signal run and below every seed's gain. The same learner on
+    freshly noised final latents (rl.denoise_states=forward, beta 200, lr 5e-3) moved
+    the reward down on every seed (-0.032, -0.016, -0.034 in 8 iterations).
+    """
+    MARGIN = 0.02
     torch.set_num_threads(1)
     cfg = rl_config(
-        tmp_path, "rl.algorithm=filter_retrain", "rl.real_share=0", "rl.micro_batch=2",
-        "rl.updates_per_epoch=4", "rl.lr=1e-2",
+        tmp_path, "run.name=dpo", "rl.iterations=12", "rl.checkpoint_every=12",
+        "rl.algorithm=dpo", "rl.dpo_beta=200", "rl.lr=2e-3", *DEFAULT_BATCH,
     )  # fmt: skip
-    learner = make_learner(cfg, rl_generator_dir, {})
-    traj = _drawn_batch(learner, cfg, rl_generator_dir)
-    x0 = traj.latents[:, -1]
-    before = _mean_errors(learner, x0, traj.prompts)
-    kept = [0, 2]  # one of each prompt
-    stats = learner.train(traj.for_learner(torch.zeros(4), kept), iteration=0, seed=0)
-    assert stats["optimizer_steps_iteration"] == 4
-    after = _mean_errors(learner, x0, traj.prompts)
-    drop = (before - after) / before
-    assert drop[kept].mean() - drop[[1, 3]].mean() > MARGIN, drop.tolist()
-
-
-def test_dpo_prefers_the_winners_on_held_out_noise(rl_generator_dir, tmp_path):
-    """After one DPO iteration on two pairs, the adapter denoises each pair's winner better
-    than the reference does, relative to its loser, on noise it never trained on: the
-    implicit reward margin (e_theta(w) - e_theta(l)) - (e_ref(w) - e_ref(l)) falls below
-    -MARGIN (it is 0 before: the adapter starts as the identity; measured -0.062 and
-    -0.018, while both errors rose above the reference's, DPO's known drift)."""
-    from rl.learners import make_learner
-
-    MARGIN = 0.01
-    torch.set_num_threads(1)
-    cfg = rl_config(
-        tmp_path, "rl.algorithm=dpo", "rl.micro_batch=4", "rl.updates_per_epoch=4",
-        "rl.dpo_beta=20", "rl.lr=1e-2",
-    )  # fmt: skip
-    learner = make_learner(cfg, rl_generator_dir, {})
-    traj = _drawn_batch(learner, cfg, rl_generator_dir)
-    x0 = traj.latents[:, -1]
-    # winners: rows 1 and 2 (one per prompt)
-    stats = learner.train(traj.for_learner(torch.tensor([-1.0, 1.0, 1.0, -1.0]), range(4)), 0, 0)
-    assert stats["dpo_pairs"] == 2
-    model = _mean_errors(learner, x0, traj.prompts)
-    ref = _mean_errors(learner, x0, traj.prompts, adapter=False)
-    margin = (model[[1, 2]] - model[[0, 3]]) - (ref[[1, 2]] - ref[[0, 3]])
-    assert (margin < -MARGIN).all(), margin.tolist()
+    gain, curve = _gain(cfg, rl_generator_dir)
+    assert gain >= MARGIN, f"held-out reward per iteration: {curve}"
 
 
 @pytest.mark.parametrize(
