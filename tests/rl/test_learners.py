@@ -104,9 +104,9 @@ def test_dpo_raises_held_out_spatial_reward(rl_generator_dir, tmp_path):
     run seeds 0-4 gain +0.032, +0.032, +0.029, +0.024, +0.045 (mean 0.032); this test runs
     seed 0. With the training rewards replaced by random numbers (no signal, same
     settings) the same evaluation moved +0.011, -0.009, +0.003 (seeds 0-2). MARGIN = 0.02
-    is above every no-signal run and below every seed's gain. The same learner on
-    freshly noised final latents (rl.denoise_states=forward, beta 200, lr 5e-3) moved
-    the reward down on every seed (-0.032, -0.016, -0.034 in 8 iterations).
+    is above every no-signal run and below every seed's gain. Seed 0 with each pair's
+    winner and loser swapped moves it by -0.035; on freshly noised final latents
+    (rl.denoise_states=forward, medrl finetune's loss) by -0.011.
     """
     MARGIN = 0.02
     torch.set_num_threads(1)
