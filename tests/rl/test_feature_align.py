@@ -10,8 +10,16 @@ import math
 import pytest
 import torch
 
-from tests.rl.conftest import rl_config
-from tests.rl.test_learners import _drawn_batch
+from tests.rl.conftest import PROMPTS, rl_config
+
+
+def _drawn_batch(learner, cfg, generator_dir):
+    """Four samples (two per prompt, fixed seeds) and the adapter they were drawn with."""
+    from rl.samplers import Sampler, SampleRequest
+
+    sampler = Sampler(str(generator_dir), cfg.lora, cfg.sampling, device="cpu")
+    requests = [SampleRequest(f"s{i}", PROMPTS[i // 2], 100 + i) for i in range(4)]
+    return sampler.sample(requests, 0, [learner.adapter_state()])
 
 
 def test_alignment_loss_by_hand():
