@@ -22,6 +22,10 @@ self-training, so by default (``--keep 0.5``) the threshold is set to the median
 quality of a calibration draw of the base generator (one iteration's batch, seeds
 disjoint from the run's): the better half is kept. ``--keep 0`` uses the config's.
 ``dpo`` pairs each iteration's samples by the reward (``rl.dpo_pairs=rewards``).
+``--control`` adds, per learner and seed, the same run with the training rewards replaced
+by uniform random numbers and the gate's passes shuffled (benchmarks/rl_learning.py's
+``RandomTrainingRewards``): what the learner does to gold with no signal (for the gated
+learners, also what their real pairs, ``rl.real_share``, do on their own).
 
 **The judge.** Every adapter version is judged on the same held-out prompts and seeds by
 the gold judge (rl/gold.py: the SIMULATED expert, which the reward models never saw) and
@@ -129,6 +133,11 @@ def main() -> None:
         "--keep", type=float, default=0.5,
         help="share of a base batch the gated learners keep (sets rewards.threshold); 0: the config's",
     )  # fmt: skip
+    parser.add_argument(
+        "--control", action="store_true",
+        help="also run each learner with random training rewards (the no-signal control)",
+    )  # fmt: skip
+    parser.add_argument("--no-models", action="store_true", help="only the control runs")
     parser.add_argument("--out", default="", help="keep the runs here; empty: a temp dir")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run (key=value)")
     args = parser.parse_args()
@@ -155,19 +164,23 @@ def main() -> None:
         print(f"gated learners keep selector quality >= {threshold:.4f} (top {args.keep:.0%})")
         gate = [f"rewards.threshold={threshold}"]
     results: dict[str, list[dict]] = {}
-    for name in args.learners.split(","):
+    kinds = ([] if args.no_models else ["models"]) + (["random"] if args.control else [])
+    runs = [(n, k) for n in args.learners.split(",") for k in kinds]
+    for name, kind in runs:
+        label = name if kind == "models" else f"{name}, no signal"
         for seed in (int(s) for s in args.seeds.split(",")):
             cfg = load_config(
                 args.config,
-                [*common, f"run.name={name}-s{seed}", f"run.seed={seed}", f"rl.algorithm={name}"]
+                [*common, f"run.name={name}-{kind}-s{seed}", f"run.seed={seed}"]
+                + [f"rl.algorithm={name}"]
                 + (gate if name in ("filter_retrain", "feature_align") else []),
             )
             t0 = time.perf_counter()
-            records, _ = run_once(cfg, resolve_inputs(cfg), "models", seed)
+            records, _ = run_once(cfg, resolve_inputs(cfg), kind, seed)
             row = {"seed": seed, "seconds": time.perf_counter() - t0, **summarise(records)}
-            results.setdefault(name, []).append(row)
+            results.setdefault(label, []).append(row)
             print(
-                f"{name:>14} seed {seed} ({row['seconds']:.0f} s): gold {row['curve']}, "
+                f"{label:>24} seed {seed} ({row['seconds']:.0f} s): gold {row['curve']}, "
                 f"proxy {row['proxy']:+.4f}, FD {row['fd']:+.1f} %, kept {row['kept']:.0f}",
                 flush=True,
             )
