@@ -40,8 +40,12 @@ class RunLearner(Learner):
         device: torch.device | str = "cpu",
         seed: int = 0,
     ):
+        self.run, self.inputs = run, inputs  # before Learner's init: its hooks may read them
         super().__init__(generator_dir, run.lora, run.sampling, run.rl, device=device, seed=seed)
-        self.run, self.inputs = run, inputs
+        self.setup()
+
+    def setup(self) -> None:
+        """What a learner builds once its engine exists (subclasses; here nothing)."""
 
     def draw_steps(self, timesteps: torch.Tensor, n: int, rng: torch.Generator) -> torch.Tensor:
         """``n`` DDIM step indices drawn uniformly from the trained ones (``rl.min_noise_std``)."""

@@ -28,7 +28,6 @@ optimizer steps of ``max(1, rl.micro_batch // 2)`` pairs each.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,16 +126,8 @@ def adapter_disabled(unet: Any) -> Iterator[None]:
 class DPOLearner(RunLearner):
     """``rl.algorithm=dpo`` (see the module docstring)."""
 
-    def __init__(
-        self,
-        generator_dir: str | os.PathLike,
-        run: RLRun,
-        inputs: dict[str, Any],
-        device: torch.device | str = "cpu",
-        seed: int = 0,
-    ):
-        super().__init__(generator_dir, run, inputs, device=device, seed=seed)
-        self.rated = rating_pairs(run) if run.rl.dpo_pairs == "ratings" else None
+    def setup(self) -> None:
+        self.rated = rating_pairs(self.run) if self.cfg.dpo_pairs == "ratings" else None
 
     def _pair_latents(
         self, batch: Trajectories, pairs: list[tuple[int, int]], rng: torch.Generator

@@ -23,7 +23,6 @@ receive and the exported LoRA are peft's keys only, without it.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -65,21 +64,15 @@ def load_expert(run: RLRun, inputs: dict[str, Any], device: torch.device | str) 
 class FeatureAlignLearner(SupervisedLearner):
     """``rl.algorithm=feature_align`` (see the module docstring)."""
 
-    def __init__(
-        self,
-        generator_dir: str | os.PathLike,
-        run: RLRun,
-        inputs: dict[str, Any],
-        device: torch.device | str = "cpu",
-        seed: int = 0,
-    ):
-        self.expert = load_expert(run, inputs, device)  # its width sizes W_p in __init__
+    def setup(self) -> None:
+        super().setup()
         self.run_seed = 0
-        super().__init__(generator_dir, run, inputs, device=device, seed=seed)
         self.down = DownFeatures(self.engine.module)
 
     def _extra_trainable(self, seed: int) -> list[torch.nn.Parameter]:
-        """W_p, registered on the UNet as :data:`HEAD`."""
+        """W_p, registered on the UNet as :data:`HEAD` (called by Learner's init, before
+        the engine exists: the expert's width sizes it)."""
+        self.expert = load_expert(self.run, self.inputs, self.device)
         head = AlignHead(self.expert.feature_dim, unet_feature_dim(self.gen.unet), seed)
         self.gen.unet.add_module(HEAD, head.to(self.device))
         return list(head.parameters())

@@ -24,9 +24,7 @@ same sample and step budget.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -47,16 +45,8 @@ class SupervisedLearner(RunLearner):
     """A :class:`Learner` whose step is the supervised denoising loss on kept samples plus
     a share of real pairs (:meth:`extra_loss` adds to it in subclasses)."""
 
-    def __init__(
-        self,
-        generator_dir: str | os.PathLike,
-        run: RLRun,
-        inputs: dict[str, Any],
-        device: torch.device | str = "cpu",
-        seed: int = 0,
-    ):
-        super().__init__(generator_dir, run, inputs, device=device, seed=seed)
-        self.real = real_pairs(run) if run.rl.real_share > 0 else None
+    def setup(self) -> None:
+        self.real = real_pairs(self.run) if self.cfg.real_share > 0 else None
 
     def micro_rows(self) -> tuple[int, int]:
         """(kept samples, real pairs) of one micro-batch."""
