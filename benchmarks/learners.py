@@ -3,6 +3,7 @@
     make demo                                                   # the generator, ratings, rewards
     OMP_NUM_THREADS=1 python benchmarks/learners.py             # 4 learners x 3 seeds
     python benchmarks/learners.py --learners ddpo,dpo --seeds 0 --iterations 2
+    python benchmarks/learners.py --figure docs/images/learners-seed0.png   # + the images
 
 For each learner (``rl.algorithm``: ddpo, filter_retrain, feature_align, dpo) and run
 seed, the RL loop (rl.loop.run_local, as benchmarks/expert_loop.py runs it: one process,
@@ -122,6 +123,29 @@ def print_table(results: dict[str, list[dict]]) -> None:
         )
 
 
+def figure(work: Path, learners: list[str], seed: int, path: Path) -> None:
+    """One PNG: the evaluation images (rl/eval/version-*.png, the same prompts and seeds) of
+    the base generator and of each learner's final adapter, run seed ``seed``, one row each."""
+    from PIL import Image, ImageDraw
+
+    def grid(name: str, version: str) -> Image.Image:
+        versions = sorted((work / f"{name}-models-s{seed}" / "rl" / "eval").glob("version-*.png"))
+        return Image.open(versions[0] if version == "first" else versions[-1]).convert("RGB")
+
+    rows = [("base", grid(learners[0], "first"))]
+    rows += [(name, grid(name, "last")) for name in learners]
+    label_w, (w, h) = 110, rows[0][1].size
+    out = Image.new("RGB", (label_w + w, h * len(rows)), "white")
+    draw = ImageDraw.Draw(out)
+    for i, (name, im) in enumerate(rows):
+        out.paste(im, (label_w, i * h))
+        draw.text((6, i * h + h // 2 - 6), name, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    out.quantize(colors=256).save(tmp, format="PNG", optimize=True)  # ~3x smaller
+    tmp.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -138,6 +162,10 @@ def main() -> None:
         help="also run each learner with random training rewards (the no-signal control)",
     )  # fmt: skip
     parser.add_argument("--no-models", action="store_true", help="only the control runs")
+    parser.add_argument(
+        "--figure", default="",
+        help="write the base's and each learner's final evaluation images (first seed) here",
+    )  # fmt: skip
     parser.add_argument("--out", default="", help="keep the runs here; empty: a temp dir")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run (key=value)")
     args = parser.parse_args()
@@ -185,6 +213,10 @@ def main() -> None:
                 flush=True,
             )
     print_table(results)
+    if args.figure and "models" in kinds:
+        first = int(args.seeds.split(",")[0])
+        figure(work, args.learners.split(","), first, Path(args.figure))
+        print(f"figure: {args.figure}")
     if not args.out:
         shutil.rmtree(work, ignore_errors=True)
 
