@@ -24,7 +24,15 @@ Settings compared (``--config NAME="k=v k=v"`` adds more):
   would take;
 - ``--control``: medrl's settings (or ``--control-of NAME``'s) with the training rewards
   replaced by uniform random numbers (the evaluation still scores the spatial reward): how
-  far the held-out reward drifts without a learning signal.
+  far the held-out reward drifts without a learning signal;
+- ``--reverse``: the same setting with the training reward reversed, 1 - r, and the gate
+  applied to the reversed reward (``spatial:0.51`` then keeps r <= 0.49): a learner that
+  follows its reward moves the held-out (unreversed) reward down.
+
+``--generator generators/assets/demo-base`` with ``model.resolution=64 data.demo_size=64``
+in the setting runs the demo's shipped base (a trained UNet) instead of the fixture;
+``{selector}`` in a setting is replaced by a tiny random quality selector built for the run
+(tests/rl/conftest.py: feature_align's expert in the tests).
 """
 
 from __future__ import annotations
@@ -46,7 +54,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.rl.conftest import EVAL_PROMPTS, PROMPTS, build_rl_generator, rl_config  # noqa: E402
+from tests.rl.conftest import (  # noqa: E402
+    EVAL_PROMPTS,
+    PROMPTS,
+    ReversedTrainingRewards,
+    build_rl_generator,
+    build_tiny_selector,
+    rl_config,
+)
 
 DEFAULT_BATCH = ["rl.prompts_per_iteration=4", "rl.group_size=8", "rl.micro_batch=8"]
 CONFIGS = {
@@ -84,7 +99,7 @@ class RandomTrainingRewards:
 
 
 def run_once(gen_dir: Path, work: Path, overrides: list[str], seed: int, iterations: int,
-             eval_images: int, control: bool) -> list[float]:  # fmt: skip
+             eval_images: int, control: str = "") -> list[float]:  # fmt: skip
     from rewards.scorers import build_reward
     from rl.loop import run_local
 
@@ -94,8 +109,10 @@ def run_once(gen_dir: Path, work: Path, overrides: list[str], seed: int, iterati
     )  # fmt: skip
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     reward = build_reward(cfg.rl.reward, cfg.rewards)
-    if control:
+    if control == "random":
         reward = RandomTrainingRewards(reward, seed)
+    elif control == "reverse":
+        reward = ReversedTrainingRewards(reward)
     inputs = {
         "run_dir": str(cfg.run_dir),
         "generator_dir": str(gen_dir),
@@ -114,8 +131,12 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--eval-images", type=int, default=16)
     parser.add_argument("--control", action="store_true", help="add the random-reward run")
+    parser.add_argument("--reverse", action="store_true", help="add the reversed-reward run")
     parser.add_argument(
-        "--control-of", default="medrl", metavar="NAME", help="the setting the control runs"
+        "--control-of",
+        default="medrl",
+        metavar="NAME",
+        help="the setting the control and reversed runs use",
     )
     parser.add_argument("--only", default="", help="run only these settings (comma-separated)")
     parser.add_argument(
@@ -129,14 +150,19 @@ def main() -> None:
     for item in args.config:
         name, _, overrides = item.partition("=")
         configs[name] = overrides.split()
-    runs = [(name, ov, False) for name, ov in configs.items()]
+    runs = [(name, ov, "") for name, ov in configs.items()]
     if args.control:
-        runs.append(("control", configs[args.control_of], True))
+        runs.append(("control", configs[args.control_of], "random"))
+    if args.reverse:
+        runs.append(("reverse", configs[args.control_of], "reverse"))
     if args.only:
         runs = [r for r in runs if r[0] in args.only.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
 
     work = Path(tempfile.mkdtemp(prefix="rl_learning."))
+    if any("{selector}" in o for _, ov, _ in runs for o in ov):  # feature_align's expert
+        selector = str(build_tiny_selector(work / "selector"))
+        runs = [(n, [o.replace("{selector}", selector) for o in ov], c) for n, ov, c in runs]
     gen_dir = Path(args.generator) if args.generator else None
     if gen_dir is None or not (gen_dir / "model_index.json").is_file():
         t0 = time.perf_counter()

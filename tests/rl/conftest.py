@@ -101,3 +101,22 @@ def build_tiny_selector(root: Path) -> Path:
         torch.manual_seed(0)
         selector = QualitySelector.from_config(tiny_rewards_cfg())
     return selector.save_pretrained(root / "selector")
+
+
+class ReversedTrainingRewards:
+    """The reward with its training scores r replaced by 1 - r and the gate applied to
+    those (``passed`` = 1 - r >= the reward's threshold); evaluation scores untouched."""
+
+    def __init__(self, inner):
+        self.inner, self.threshold = inner, getattr(inner, "threshold", None)
+
+    def score(self, images, prompts, ids):
+        from dataclasses import replace
+
+        result = self.inner.score(images, prompts, ids)
+        for sid, s in list(result.scores.items()):
+            if not sid.startswith("eval"):
+                r = 1.0 - s.reward
+                passed = self.threshold is None or r >= self.threshold
+                result.scores[sid] = replace(s, reward=r, quality=r, passed=passed)
+        return result
